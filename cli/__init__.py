@@ -1,0 +1,1 @@
+"""The `gemma3` command line: thin wrappers over the Python API."""

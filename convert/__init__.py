@@ -1,0 +1,1 @@
+"""Converters from Hugging Face safetensors and GGUF checkpoints to MLX model directories."""

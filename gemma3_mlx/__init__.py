@@ -1,0 +1,1 @@
+"""gemma3-mlx: Gemma 3 on MLX."""
