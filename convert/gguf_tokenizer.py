@@ -1,0 +1,118 @@
+"""Rebuild a SentencePiece `tokenizer.model` from the tokenizer metadata of a GGUF file.
+
+A GGUF keeps the vocabulary as three arrays (`tokenizer.ggml.tokens/scores/token_type`) but not
+the normalizer or trainer settings, so we supply Gemma's: BPE, byte fallback, split digits,
+identity normalizer, no dummy prefix, whitespace kept as is. The ModelProto is written with a
+tiny hand-rolled protobuf encoder (three wire types), so there is no protobuf dependency.
+Deliberately not handled: non-SentencePiece GGUF tokenizers (GPT-2 byte-level BPE and friends).
+"""
+
+import struct
+
+import gguf
+import numpy as np
+
+# SentencePiece piece types (sentencepiece_model.proto); GGUF uses the same numbering.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
+BPE = 2  # TrainerSpec.ModelType
+
+# Gemma's special ids; `tokenizer.ggml.*_token_id` override them when present.
+DEFAULT_IDS = {"unk": 3, "bos": 2, "eos": 1, "pad": 0}
+
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int32s are written as 10-byte two's complement
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _int(field: int, value: int) -> bytes:  # wire type 0: int32, bool, enum
+    return _varint(field << 3) + _varint(int(value))
+
+
+def _bytes(field: int, value: bytes | str) -> bytes:  # wire type 2: string, bytes, sub-message
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    return _varint(field << 3 | 2) + _varint(len(value)) + value
+
+
+def _float(field: int, value: float) -> bytes:  # wire type 5: fixed32
+    return _varint(field << 3 | 5) + struct.pack("<f", value)
+
+
+def _string_array(field: gguf.ReaderField) -> list[bytes]:
+    return [bytes(field.parts[i]) for i in field.data]
+
+
+def _number_array(field: gguf.ReaderField) -> np.ndarray:
+    return np.concatenate([field.parts[i] for i in field.data])
+
+
+def _scalar(reader: gguf.GGUFReader, key: str, default: int) -> int:
+    field = reader.fields.get(key)
+    return default if field is None else int(field.parts[field.data[0]][0])
+
+
+def sentencepiece_model_from_gguf(reader: gguf.GGUFReader) -> bytes:
+    """A serialized SentencePiece ModelProto equivalent to the GGUF's tokenizer."""
+    fields = reader.fields
+    if "tokenizer.ggml.tokens" not in fields or "tokenizer.ggml.model" not in fields:
+        raise ValueError("GGUF file has no tokenizer metadata (tokenizer.ggml.tokens / tokenizer.ggml.model)")
+    model = bytes(fields["tokenizer.ggml.model"].parts[fields["tokenizer.ggml.model"].data[0]]).decode("utf-8")
+    if model != "llama":
+        raise ValueError(f"GGUF tokenizer is {model!r}, not a SentencePiece ('llama') tokenizer")
+
+    tokens = _string_array(fields["tokenizer.ggml.tokens"])
+    n = len(tokens)
+    scores = _number_array(fields["tokenizer.ggml.scores"]) if "tokenizer.ggml.scores" in fields else np.zeros(n)
+    types = (
+        _number_array(fields["tokenizer.ggml.token_type"])
+        if "tokenizer.ggml.token_type" in fields
+        else np.full(n, NORMAL)
+    )
+    ids = {name: _scalar(reader, f"tokenizer.ggml.{key}_token_id", DEFAULT_IDS[name])
+           for name, key in [("unk", "unknown"), ("bos", "bos"), ("eos", "eos"), ("pad", "padding")]}
+
+    pieces = bytearray()
+    for i, (piece, score, kind) in enumerate(zip(tokens, scores.tolist(), types.tolist())):
+        if kind == USER_DEFINED:
+            # llama.cpp's converter writes the whitespace pieces ("  ") with real spaces; SentencePiece
+            # matches user-defined pieces after escaping spaces, so they must be spelled with U+2581.
+            piece = piece.replace(b" ", "\u2581".encode("utf-8"))
+        if i == ids["unk"]:
+            kind = UNKNOWN  # Gemma GGUFs type <unk> as control; SentencePiece needs exactly one UNKNOWN
+        pieces += _bytes(1, _bytes(1, piece) + _float(2, score) + _int(3, kind))
+
+    trainer = b"".join([
+        _int(3, BPE),
+        _int(4, n),  # vocab_size
+        _int(20, 16),  # max_sentencepiece_length
+        _int(21, True),  # split_by_unicode_script
+        _int(23, True),  # split_by_number
+        _int(22, True),  # split_by_whitespace
+        _int(24, False),  # treat_whitespace_as_suffix
+        _int(26, True),  # allow_whitespace_only_pieces
+        _int(25, True),  # split_digits
+        _int(35, True),  # byte_fallback
+        _int(32, True),  # vocabulary_output_piece_score
+        _int(33, True),  # hard_vocab_limit
+        _int(40, ids["unk"]),
+        _int(41, ids["bos"]),
+        _int(42, ids["eos"]),
+        _int(43, ids["pad"]),
+        _bytes(45, tokens[ids["unk"]]),  # unk_piece
+        _bytes(46, tokens[ids["bos"]]),  # bos_piece
+        _bytes(47, tokens[ids["eos"]]),  # eos_piece
+        _bytes(48, tokens[ids["pad"]]),  # pad_piece
+    ])
+    normalizer = b"".join([
+        _bytes(1, "identity"),  # name; no precompiled_charsmap, so no NFKC
+        _int(3, False),  # add_dummy_prefix
+        _int(4, False),  # remove_extra_whitespaces
+        _int(5, True),  # escape_whitespaces: " " -> U+2581
+    ])
+    return bytes(pieces) + _bytes(2, trainer) + _bytes(3, normalizer)

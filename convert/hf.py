@@ -1,0 +1,36 @@
+"""Read a Hugging Face Gemma 3 checkpoint directory (single or sharded safetensors) tensor by tensor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import mlx.core as mx
+
+from ..config import ModelConfig
+from ..errors import ConversionError
+from ..loader import load_config, sanitize_name
+from .safetensors_io import SafetensorsFile, checkpoint_files
+
+
+class HFSource:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._config = load_config(self.path)
+        self.files = [SafetensorsFile(f) for f in checkpoint_files(self.path)]  # headers checked up front
+        if not any(sanitize_name(n) for f in self.files for n in f.names):
+            raise ConversionError(f"{self.path}: the safetensors files hold no Gemma 3 weights")
+
+    def config(self) -> ModelConfig:
+        return self._config
+
+    def tensors(self) -> Iterator[tuple[str, mx.array]]:
+        for f in self.files:
+            for k in f.names:
+                name = sanitize_name(k)
+                if name is not None:
+                    yield name, f.get(k)
+
+    def tokenizer_model(self) -> bytes | None:
+        f = self.path / "tokenizer.model"
+        return f.read_bytes() if f.exists() else None

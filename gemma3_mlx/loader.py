@@ -1,0 +1,108 @@
+"""Load a converted (or Hugging Face) Gemma 3 directory: `load(path) -> (model, tokenizer)`.
+
+Weights are loaded strictly (every parameter present, no strays, shapes checked) from
+safetensors only, cast to the compute dtype: float32 on the CPU backend, bfloat16 on
+Metal/CUDA. It never downloads: resolving model names is models.py's job.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+
+from .config import ModelConfig
+from .errors import ConfigError, ModelFileError
+from .model import Model
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+
+
+def default_dtype() -> mx.Dtype:
+    """float32 on the CPU backend (bfloat16 matmuls are ~8x slower there), bfloat16 on GPUs.
+
+    Never float16: Gemma's activations overflow it.
+    """
+    return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+
+
+def sanitize_name(name: str) -> str | None:
+    """Checkpoint key -> MLX parameter name; None for keys the text model does not use."""
+    if name == "lm_head.weight":
+        return None  # the output head is tied to the embedding matrix
+    for prefix in ("language_model.model.", "model.language_model."):  # transformers 4 / 5 multimodal
+        if name.startswith(prefix):
+            return "model." + name[len(prefix):]
+    if name.startswith(("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")):
+        return None  # the vision tower comes in a later step
+    return name
+
+
+def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    out = {}
+    for k, v in weights.items():
+        name = sanitize_name(k)
+        if name is not None:
+            out[name] = v
+    return out
+
+
+def load_config(path: Path) -> ModelConfig:
+    path = Path(path)
+    f = path / "config.json"
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise ModelFileError(f"{path}: not a model directory")
+    if not f.exists():
+        raise ConfigError(f"{path}: no config.json (is this a model directory?)")
+    try:
+        d = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{f}: not valid JSON ({e})") from None
+    return ModelConfig.from_dict(d)
+
+
+def load_model(path: str | Path, dtype: str | mx.Dtype | None = None) -> Model:
+    from .convert.safetensors_io import SafetensorsFile, checkpoint_files
+
+    path = Path(path)
+    config = load_config(path)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype())
+    if dtype == mx.float16:
+        raise ValueError("float16 compute is not supported: Gemma 3 activations overflow it")
+    model = Model(config)
+    weights = {}
+    for file in checkpoint_files(path):
+        st = SafetensorsFile(file)
+        for k in st.names:
+            name = sanitize_name(k)
+            if name is not None:
+                weights[name] = st.get(k)
+    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise ModelFileError(f"{path}: weights do not match the config ({' '.join(str(e).split())})") from None
+    mx.eval(model.parameters())
+    return model
+
+
+def load_tokenizer(path: str | Path):
+    from .tokenizer import Tokenizer
+
+    f = Path(path) / "tokenizer.model"
+    if not f.exists():
+        warnings.warn(f"{path}: no tokenizer.model; token ids only", stacklevel=2)
+        return None
+    return Tokenizer(f)
+
+
+def load(path: str | Path, dtype: str | mx.Dtype | None = None) -> tuple:
+    """Load a model directory. `dtype` overrides the compute dtype ("float32" or "bfloat16")."""
+    return load_model(path, dtype), load_tokenizer(path)
+
+
+__all__ = ["load", "load_model", "load_tokenizer", "load_config", "sanitize", "sanitize_name"]

@@ -1,0 +1,139 @@
+"""The Gemma 3 decoder in MLX: `model(input_ids, cache=...) -> logits`.
+
+Five local (sliding-window) layers for every global one, QK-norm, `(1 + w)` RMSNorms, two
+RoPE bases, tied output head. Sizes come from the config alone (270M to 27B). This module
+does no I/O and no sampling; loading lives in loader.py, the vision tower in a later step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache, WindowCache
+from .config import ModelConfig, TextConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.zeros((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # Gemma norms scale by (1 + w), not w.
+        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, is_local: bool):
+        super().__init__()
+        D, hd = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(D, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(D, self.n_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(D, self.n_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, D, bias=bias)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        # Scale is query_pre_attn_scalar ** -0.5 (168 for 27B), not head_dim ** -0.5.
+        self.scale = cfg.query_pre_attn_scalar**-0.5
+        rope = cfg.rope_local if is_local else cfg.rope_global
+        self.rope_base, self.rope_scale = rope.rope_theta, 1.0 / rope.factor
+
+    def __call__(self, x: mx.array, mask: mx.array | None, cache) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        # QK-norm over head_dim, after projection and before RoPE. (B, heads, L, head_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
+        offset = cache.offset if cache is not None else 0
+        # Linear RoPE scaling divides positions by the factor: mx.fast.rope multiplies by scale.
+        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=self.rope_scale, offset=offset)
+        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=self.rope_scale, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, D: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(D, hidden, bias=False)
+        self.up_proj = nn.Linear(D, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, D, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, is_local: bool):
+        super().__init__()
+        self.is_local = is_local
+        self.self_attn = Attention(cfg, is_local)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+
+    def __call__(self, x: mx.array, mask: mx.array | None, cache) -> mx.array:
+        # Post norms apply to the sublayer output before the residual add.
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), mask, cache))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg, local) for local in cfg.is_local]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def embed(self, input_ids: mx.array) -> mx.array:
+        h = self.embed_tokens(input_ids)
+        # Scaled by sqrt(hidden), rounded to the compute dtype first as the reference does.
+        return h * mx.array(math.sqrt(self.config.hidden_size), dtype=h.dtype)
+
+    def __call__(self, h: mx.array, cache: list) -> mx.array:
+        L = h.shape[1]
+        masks = {}
+        for layer, c in zip(self.layers, cache):
+            if layer.is_local not in masks:
+                # Every layer of one kind has the same cache geometry, so one mask per kind.
+                masks[layer.is_local] = c.make_mask(L)
+            h = layer(h, masks[layer.is_local], c)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """Gemma 3 causal LM. `logits`: "all" positions, the "last" only (generation), or "none"."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = TextModel(config.text)
+
+    def make_cache(self) -> list:
+        t = self.config.text
+        return [WindowCache(t.sliding_window) if local else KVCache() for local in t.is_local]
+
+    def __call__(self, input_ids: mx.array, cache: list | None = None, *, logits: str = "all") -> mx.array | None:
+        # input_ids: (B, L)
+        if cache is None:
+            cache = self.make_cache()
+        h = self.model(self.model.embed(input_ids), cache)
+        if logits == "none":
+            return None
+        if logits == "last":
+            h = h[:, -1:, :]
+        # The output head is tied to the embedding matrix.
+        return self.model.embed_tokens.as_linear(h)
