@@ -7,6 +7,7 @@ own usage errors exit 2; Ctrl-C exits 130. Programming errors still show a trace
 from __future__ import annotations
 
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -21,6 +22,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Run Google's Gemma 3 models on your own machine, with MLX.",
 )
+
+
+@app.callback()
+def setup():
+    """Run Google's Gemma 3 models on your own machine, with MLX."""
+    # Library warnings (e.g. a checkpoint without a tokenizer) as one plain line each.
+    warnings.showwarning = lambda message, *args, **kwargs: typer.echo(f"warning: {message}", err=True)
 
 
 def fail(message: str, code: int = 1):

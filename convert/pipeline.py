@@ -56,12 +56,16 @@ def convert(
     out = Path(out)
     if out.resolve() == Path(source).resolve():
         raise ConversionError("the output directory must differ from the source")
+    if out.exists() and not force:
+        raise ConversionError(f"{out} already exists (use --force to overwrite it)")
     if dtype is None:
         dtype = "float32" if src.path.is_file() else "bfloat16"  # GGUF blocks dequantize exactly to float32
     if dtype not in DTYPES:
         raise ConversionError(f"unsupported dtype {dtype!r} (choose {' or '.join(DTYPES)})")
     config = src.config()
     tokenizer = src.tokenizer_model()
+    if tokenizer is None:
+        warnings.warn(f"{source}: no tokenizer.model in the source; the converted model takes token ids only", stacklevel=2)
     with atomic_directory(out, force=force) as tmp:
         writer = ShardWriter(tmp)
         items = src.tensors()
@@ -75,9 +79,7 @@ def convert(
                 progress(i + 1, total)
         writer.close()
         write_config(tmp, config.to_dict())
-        if tokenizer is None:
-            warnings.warn(f"{source}: no tokenizer.model in the source; the converted model takes token ids only", stacklevel=2)
-        else:
+        if tokenizer is not None:
             (tmp / "tokenizer.model").write_bytes(tokenizer)
     return ConversionReport(out, n_params, writer.total_bytes, dtype)
 

@@ -16,13 +16,29 @@ def gguf_270m(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def model_270m_dir(gguf_270m, tmp_path_factory) -> Path:
-    """The 270M GGUF converted to float32 (exactly its dequantized weights)."""
-    from gemma3_mlx.convert import convert
+def gemma3_home(tmp_path_factory) -> Path:
+    """A private GEMMA3_MLX_HOME holding the default model, converted on first use as a user's would be."""
+    import os
 
-    out = tmp_path_factory.mktemp("m270") / "gemma-3-270m-f32"
-    convert(gguf_270m, out, dtype="float32")
-    return out
+    from gemma3_mlx.models import ensure_default_model
+
+    home = tmp_path_factory.mktemp("gemma3_home")
+    old = os.environ.get("GEMMA3_MLX_HOME")
+    os.environ["GEMMA3_MLX_HOME"] = str(home)
+    try:
+        ensure_default_model()
+    finally:
+        if old is None:
+            del os.environ["GEMMA3_MLX_HOME"]
+        else:
+            os.environ["GEMMA3_MLX_HOME"] = old
+    return home
+
+
+@pytest.fixture(scope="session")
+def model_270m_dir(gemma3_home) -> Path:
+    """The default model: the 270M GGUF converted to float32 (exactly its dequantized weights)."""
+    return gemma3_home / "models" / "gemma-3-270m"
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,167 @@
+"""The `gemma3` command end to end (subprocesses): streaming output, and bad input handled cleanly."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+
+GEMMA3 = [sys.executable, "-m", "gemma3_mlx.cli.main"]
+
+
+def run(args, home=None, timeout=300, **kw):
+    env = {**os.environ, "GEMMA3_MLX_HOME": str(home)} if home else None
+    return subprocess.run(GEMMA3 + args, capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def assert_clean_failure(r, code=1):
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+
+
+def no_leftovers(parent, name):
+    return [p.name for p in parent.iterdir() if name in p.name] == []
+
+
+def test_generate_streams_the_reference_continuation(gemma3_home):
+    import json
+
+    meta = json.loads((FIXTURES / "ref_270m.json").read_text())
+    env = {**os.environ, "GEMMA3_MLX_HOME": str(gemma3_home)}
+    proc = subprocess.Popen(GEMMA3 + ["generate", "--raw", meta["greedy_prompt"], "--max-tokens", "24"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0)
+    first = proc.stdout.read(1)  # arrives while the process is still generating
+    running_at_first_byte = proc.poll() is None
+    rest, err = proc.communicate(timeout=300)
+    out = (first + rest).decode()
+    assert proc.returncode == 0, err
+    assert running_at_first_byte
+    assert out.strip() and meta["greedy_text"].startswith(out.rstrip("\n"))
+    assert len(out.split()) >= 15
+
+
+def test_generate_chat_template_path_runs(gemma3_home):
+    r = run(["generate", "Say hi", "-n", "4", "--temp", "0.7", "--seed", "1"], home=gemma3_home)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("args", [["--temp", "-1"], ["--top-p", "1.5"], ["--max-tokens", "0"], ["--top-k", "-3"]])
+def test_bad_flag_values_exit_2(args, tmp_path):
+    r = run(["generate", "hello", *args], home=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_generate_unknown_model(tmp_path):
+    assert_clean_failure(run(["generate", "hi", "-m", str(tmp_path / "nope")], home=tmp_path))
+
+
+def test_generate_corrupted_model_dir(tiny_dirs, tmp_path):
+    d = tmp_path / "broken"
+    shutil.copytree(tiny_dirs["tiny_v5"], d)
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert_clean_failure(run(["generate", "hi", "-m", str(d)], home=tmp_path))
+
+
+def test_convert_missing_source(tmp_path):
+    r = run(["convert", str(tmp_path / "missing"), "-o", str(tmp_path / "out")])
+    assert_clean_failure(r)
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_directory_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_clean_failure(run(["convert", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]))
+    assert no_leftovers(tmp_path, "out")
+
+
+def test_convert_non_gemma_config(tmp_path):
+    src = tmp_path / "llama"
+    shutil.copytree(FIXTURES / "tiny_v4", src)
+    (src / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    r = run(["convert", str(src), "-o", str(tmp_path / "out")])
+    assert_clean_failure(r)
+    assert "not a Gemma 3" in r.stderr and no_leftovers(tmp_path, "out")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage_header"])
+def test_convert_damaged_safetensors(tmp_path, damage):
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "tiny_v5", src)
+    f = src / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000] if damage == "truncate" else b"\xff" * 64 + data[64:])
+    before = f.read_bytes()
+    assert_clean_failure(run(["convert", str(src), "-o", str(tmp_path / "out")]))
+    assert no_leftovers(tmp_path, "out")
+    assert f.read_bytes() == before  # the source is never touched
+
+
+def test_convert_truncated_gguf(gguf_270m, tmp_path):
+    src = tmp_path / "cut.gguf"
+    with open(gguf_270m, "rb") as f:
+        src.write_bytes(f.read(40_000_000))
+    r = run(["convert", str(src), "-o", str(tmp_path / "out")])
+    assert_clean_failure(r)
+    assert no_leftovers(tmp_path, "out")
+
+
+def test_convert_gguf_of_another_architecture(tmp_path):
+    import gguf
+
+    path = tmp_path / "llama.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = run(["convert", str(path), "-o", str(tmp_path / "out")])
+    assert_clean_failure(r)
+    assert "llama" in r.stderr and no_leftovers(tmp_path, "out")
+
+
+def test_convert_garbage_gguf(tmp_path):
+    path = tmp_path / "junk.gguf"
+    path.write_bytes(b"this is not a gguf file" * 100)
+    assert_clean_failure(run(["convert", str(path), "-o", str(tmp_path / "out")]))
+
+
+def test_convert_refuses_existing_output_without_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = run(["convert", str(FIXTURES / "tiny_v5"), "-o", str(out)])
+    assert_clean_failure(r)
+    assert "--force" in r.stderr and (out / "keep.txt").read_text() == "mine"
+    r = run(["convert", str(FIXTURES / "tiny_v5"), "-o", str(out), "--force"])
+    assert r.returncode == 0, r.stderr
+    assert (out / "config.json").exists() and not (out / "keep.txt").exists()
+    assert "warning: " in r.stderr and "Traceback" not in r.stderr  # no tokenizer in the tiny fixture
+
+
+def test_interrupted_conversion_leaves_nothing(tmp_path):
+    from gemma3_mlx.convert import convert
+
+    def interrupt(done, total):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.warns(UserWarning), pytest.raises(KeyboardInterrupt):
+        convert(FIXTURES / "tiny_v5", tmp_path / "out", progress=interrupt)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_cli_reports_size(tmp_path):
+    r = run(["convert", str(FIXTURES / "tiny_v4"), "-o", str(tmp_path / "out"), "--dtype", "float32"])
+    assert r.returncode == 0, r.stderr
+    assert "bits per weight" in r.stdout and "32.00" in r.stdout
+    assert (tmp_path / "out" / "model.safetensors").exists()

@@ -1,0 +1,75 @@
+"""Config parsing: both transformers schemas, multimodal defaults, layer kinds, refusals."""
+
+import json
+
+import pytest
+
+from conftest import FIXTURES
+from gemma3_mlx.config import GLOBAL, LOCAL, ModelConfig
+from gemma3_mlx.errors import ConfigError
+
+
+def load(name):
+    return ModelConfig.from_dict(json.loads((FIXTURES / name / "config.json").read_text()))
+
+
+def test_transformers5_schema():
+    c = load("tiny_v5").text
+    assert [i for i, local in enumerate(c.is_local) if not local] == [3, 7]
+    assert (c.rope_local.rope_theta, c.rope_local.factor) == (10000.0, 1.0)
+    assert (c.rope_global.rope_theta, c.rope_global.factor) == (1e6, 8.0)
+    assert c.query_pre_attn_scalar == 24 and c.head_dim == 32 and c.sliding_window == 6
+
+
+def test_transformers4_schema():
+    c = load("tiny_v4").text
+    assert c.layer_types == (LOCAL,) * 5 + (GLOBAL, LOCAL)  # (i + 1) % 6 == 0 is global
+    assert (c.rope_global.rope_theta, c.rope_global.factor) == (1e6, 8.0)
+    assert c.rope_local.factor == 1.0  # rope_scaling applies to global layers only
+
+
+def test_round_trip_through_to_dict():
+    for name in ("tiny_v4", "tiny_v5"):
+        c = load(name)
+        assert ModelConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_multimodal_config_fills_text_defaults():
+    # The real 4B config leaves out head counts and other text fields.
+    d = {
+        "model_type": "gemma3",
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                        "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                        "sliding_window": 1024},
+        "vision_config": {"hidden_size": 1152, "image_size": 896, "patch_size": 14},
+        "mm_tokens_per_image": 256,
+        "boi_token_index": 255999,
+        "eoi_token_index": 256000,
+        "image_token_index": 262144,
+    }
+    c = ModelConfig.from_dict(d)
+    t = c.text
+    assert (t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.vocab_size) == (8, 4, 256, 262208)
+    assert t.query_pre_attn_scalar == 256 and t.rope_global.factor == 8.0 and t.rope_local.rope_theta == 10000.0
+    assert sum(not x for x in t.is_local) == 5 and c.vision.patch_size == 14 and c.image_token_index == 262144
+
+
+def test_27b_style_scalar_and_soft_capping_ignored():
+    c = ModelConfig.from_dict({"model_type": "gemma3_text", "hidden_size": 5376, "num_attention_heads": 32,
+                               "head_dim": 128, "query_pre_attn_scalar": 168, "num_hidden_layers": 62,
+                               "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0})
+    assert c.text.query_pre_attn_scalar == 168 and c.text.head_dim == 128
+    assert "final_logit_softcapping" not in c.to_dict()
+
+
+@pytest.mark.parametrize("d", [
+    {"model_type": "llama", "hidden_size": 4096},
+    {"architectures": ["LlamaForCausalLM"]},
+    {"model_type": "gemma3_text", "layer_types": ["full_attention"], "num_hidden_layers": 2},
+    {"model_type": "gemma3_text", "rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 4}}},
+    [1, 2],
+])
+def test_bad_configs_are_refused(d):
+    with pytest.raises(ConfigError):
+        ModelConfig.from_dict(d)
