@@ -62,20 +62,21 @@ def sentencepiece_model_from_gguf(reader: gguf.GGUFReader) -> bytes:
     fields = reader.fields
     if "tokenizer.ggml.tokens" not in fields or "tokenizer.ggml.model" not in fields:
         raise ValueError("GGUF file has no tokenizer metadata (tokenizer.ggml.tokens / tokenizer.ggml.model)")
-    model = bytes(fields["tokenizer.ggml.model"].parts[fields["tokenizer.ggml.model"].data[0]]).decode("utf-8")
+    model_field = fields["tokenizer.ggml.model"]
+    model = bytes(model_field.parts[model_field.data[0]]).decode("utf-8")
     if model != "llama":
         raise ValueError(f"GGUF tokenizer is {model!r}, not a SentencePiece ('llama') tokenizer")
 
     tokens = _string_array(fields["tokenizer.ggml.tokens"])
     n = len(tokens)
-    scores = _number_array(fields["tokenizer.ggml.scores"]) if "tokenizer.ggml.scores" in fields else np.zeros(n)
-    types = (
-        _number_array(fields["tokenizer.ggml.token_type"])
-        if "tokenizer.ggml.token_type" in fields
-        else np.full(n, NORMAL)
-    )
-    ids = {name: _scalar(reader, f"tokenizer.ggml.{key}_token_id", DEFAULT_IDS[name])
-           for name, key in [("unk", "unknown"), ("bos", "bos"), ("eos", "eos"), ("pad", "padding")]}
+    scores = fields.get("tokenizer.ggml.scores")
+    scores = _number_array(scores) if scores is not None else np.zeros(n)
+    types = fields.get("tokenizer.ggml.token_type")
+    types = _number_array(types) if types is not None else np.full(n, NORMAL)
+    ids = {
+        name: _scalar(reader, f"tokenizer.ggml.{key}_token_id", DEFAULT_IDS[name])
+        for name, key in [("unk", "unknown"), ("bos", "bos"), ("eos", "eos"), ("pad", "padding")]
+    }
 
     pieces = bytearray()
     for i, (piece, score, kind) in enumerate(zip(tokens, scores.tolist(), types.tolist())):

@@ -3,8 +3,9 @@
 Encoding matches the Hugging Face Gemma tokenizer: control-token strings in the text
 ("<start_of_turn>", "<bos>", "<unused0>", ...) map to their ids, the rest goes through
 SentencePiece. The chat template is Gemma 3's official one, written out in Python over ids, so a
-BOS is never doubled. Deliberately not here: image placeholders in prompts (the vision processor
-expands them), sampling, and any Jinja template engine.
+BOS is never doubled. Like SentencePiece itself, a literal U+2581 ("▁") in the input reads as a
+space. Deliberately not here: image placeholders in prompts (the vision processor expands them),
+sampling, and any Jinja template engine.
 """
 
 import codecs
@@ -36,28 +37,30 @@ class Tokenizer:
             self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         sp = self._sp
         self.vocab_size = sp.get_piece_size()
-        self.pad_id, self.eos_id, self.bos_id, self.unk_id = sp.pad_id(), sp.eos_id(), sp.bos_id(), sp.unk_id()
+        self.pad_id, self.eos_id = sp.pad_id(), sp.eos_id()
+        self.bos_id, self.unk_id = sp.bos_id(), sp.unk_id()
         self.start_of_turn_id = sp.piece_to_id("<start_of_turn>")
         self.end_of_turn_id = sp.piece_to_id("<end_of_turn>")
         self.eos_ids = frozenset({self.eos_id, self.end_of_turn_id})  # either one ends a reply
         self.boi_token_index, self.eoi_token_index = boi_token_index, eoi_token_index
         self.image_token_index = image_token_index
 
-        # Bytes each id decodes to: "▁" is a space, <0xAB> is one raw byte. Control tokens and <unk>
-        # are "special": they decode to nothing, or to their own text when asked for.
+        # Bytes each id decodes to: "▁" is a space, <0xAB> is one raw byte. Control tokens, <unk> and
+        # the image ids given are "special": they decode to nothing, or to their own text when asked.
         pieces = sp.id_to_piece(list(range(self.vocab_size)))
         special = [i for i in range(self.vocab_size) if sp.is_control(i)] + [self.unk_id]
         self._bytes = [p.replace("\u2581", " ").encode("utf-8") for p in pieces]
         for i, piece in enumerate(pieces):
             if piece.startswith("<0x") and sp.is_byte(i):
                 self._bytes[i] = bytes([int(piece[3:5], 16)])
-        self._special_ids = frozenset(special) | {
+        self.special_ids = frozenset(special) | {
             i for i in (boi_token_index, eoi_token_index, image_token_index) if i is not None
         }
         # HF maps every control piece's text to its id (llama.cpp's GGUF types <unk> as control too).
         self._special = {pieces[i]: i for i in special}
         self._special_lengths = sorted({len(s) for s in self._special}, reverse=True)
-        self._special_start = re.compile("[" + "".join(re.escape(s[0]) for s in set(self._special)) + "]")
+        first_chars = {s[0] for s in self._special}
+        self._special_start = re.compile("[" + "".join(re.escape(c) for c in first_chars) + "]")
 
     @classmethod
     def from_bytes(cls, model_proto: bytes, **image_ids) -> "Tokenizer":
@@ -90,7 +93,7 @@ class Tokenizer:
         """The UTF-8 bytes one id contributes to decoded text (a byte-fallback id gives one raw byte)."""
         if not 0 <= token_id < self.vocab_size:
             return b""  # e.g. the image soft token, which lies past the SentencePiece vocabulary
-        if token_id in self._special_ids:
+        if token_id in self.special_ids:
             return b"" if skip_special else self._sp.id_to_piece(token_id).encode("utf-8")
         return self._bytes[token_id]
 
