@@ -112,23 +112,51 @@ def generate(
 
 @app.command()
 def convert(
-    source: str = typer.Argument(..., help="Hugging Face model directory or .gguf file."),
+    source: str = typer.Argument(..., help="Hugging Face model directory, hub id (org/name) or .gguf file."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (must not exist unless --force)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 or bfloat16 (default: float32 for GGUF, bfloat16 otherwise)."),
+    bits: Optional[int] = typer.Option(None, "--bits", "-q", help="Quantize every matrix to 2, 3, 4, 5, 6 or 8 bits."),
+    group_size: int = typer.Option(64, "--group-size", help="Values per quantization group: 32, 64 or 128."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Mixed precision: mixed-4-8 or mixed-4-6."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Float storage: float32 or bfloat16 (a GGUF is then dequantized)."),
+    rtn: bool = typer.Option(False, "--rtn", help="Plain round-to-nearest instead of the clipping search."),
+    no_check: bool = typer.Option(False, "--no-check", help="Skip the quality check against the source."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
 ):
-    """Convert a checkpoint into an MLX model directory.
+    """Convert a checkpoint into an MLX model directory, and report its size and quality loss.
 
-    Example: gemma3 convert gemma-3-270m.gguf -o gemma-3-270m-mlx
+    A GGUF keeps its own block bits unless --bits, --recipe or --dtype is given.
+
+    Example: gemma3 convert google/gemma-3-1b-it -o gemma-3-1b-it-4bit --recipe mixed-4-8
     """
     from ..convert import convert as run
 
     with user_errors():
-        r = run(source, out, dtype=dtype, force=force, progress=Progress("Converting"))
-        typer.echo(
-            f"{r.out}: {r.n_params / 1e6:.1f}M parameters, {r.n_bytes / 1e6:.1f} MB, "
-            f"{r.bits_per_weight:.2f} bits per weight ({r.dtype})"
-        )
+        r = run(source, out, dtype=dtype, bits=bits, group_size=group_size, recipe=recipe,
+                method="rtn" if rtn else "search", force=force, check=not no_check, progress=Progress("Converting"))
+        for fmt, n in sorted(r.formats.items()):
+            typer.echo(f"  {n:4d} x {fmt}")
+        typer.echo(f"{r.out}: {r.n_params / 1e6:.1f}M parameters, {r.n_bytes / 1e6:.1f} MB, {r.bits_per_weight:.2f} bits per weight")
+        if r.quality:
+            print_quality(r.quality)
+
+
+def print_quality(q: dict) -> None:
+    typer.echo(f"quality vs source ({q['tokens']} tokens): KL divergence {q['kl']:.5f}, top-1 agreement {100 * q['top1']:.1f}%")
+
+
+@app.command()
+def check(
+    model: str = typer.Argument(..., help="Converted model directory."),
+    reference: str = typer.Option(..., "--reference", "-r", help="The float source: HF directory, .gguf file or float MLX directory."),
+):
+    """Measure a converted model's quality loss against its source (KL divergence, top-1 agreement).
+
+    Example: gemma3 check gemma-3-1b-it-4bit --reference gemma-3-1b-it
+    """
+    from ..convert.quality import check as run
+
+    with user_errors():
+        print_quality(run(model, reference))
 
 
 def main():

@@ -1,5 +1,6 @@
 """Converters from Hugging Face safetensors and GGUF checkpoints to MLX model directories."""
 
-from .pipeline import ConversionReport, convert
+from .pipeline import RECIPES, ConversionReport, convert
+from .quality import check
 
-__all__ = ["convert", "ConversionReport"]
+__all__ = ["convert", "check", "ConversionReport", "RECIPES"]

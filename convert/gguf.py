@@ -1,7 +1,7 @@
 """Read a Gemma 3 GGUF file: config, tensors under MLX names, and the SentencePiece tokenizer.
 
 The `gguf` package dequantizes every block type to numpy (MLX's own GGUF loader fails on
-K-quants). Step 1 imports at float precision; carrying blocks over at their own bits is step 2.
+K-quants); blocks that MLX can express exactly are carried over at their own bits instead.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 
 from ..config import GLOBAL, LOCAL, ModelConfig
 from ..errors import ConversionError
+from .tensors import FloatTensor, QuantizedTensor
 
 # GGUF tensor name -> MLX parameter name (within model.layers.N where it has a block number).
 _BLOCK = {
@@ -100,19 +101,32 @@ class GGUFSource:
         }
         return ModelConfig.from_dict(d)
 
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(MLX name, float32 array) per tensor, dequantized, in file order."""
+    def tensor_count(self) -> int:
+        return sum(mlx_name(t.name) is not None for t in self.reader.tensors)
+
+    def tensors(self, native: bool = False) -> Iterator[tuple[str, np.ndarray | QuantizedTensor]]:
+        """(MLX name, tensor) in file order: float32 arrays, dequantized.
+
+        With `native`, blocks that map exactly onto MLX groups of 32 come as `QuantizedTensor`s
+        at their own bits instead (no dequantize/requantize round trip).
+        """
         from gguf.quants import dequantize
+
+        from .gguf_blocks import MLX_EXACT, to_mlx_affine
 
         for t in self.reader.tensors:
             name = mlx_name(t.name)
             if name is None:
                 continue
-            w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-            w = w.reshape(tuple(reversed([int(x) for x in t.shape])))  # GGUF lists dims innermost first
+            shape = tuple(reversed([int(x) for x in t.shape]))  # GGUF lists dims innermost first
+            if native and t.tensor_type in MLX_EXACT and len(shape) == 2:
+                w, scales, biases, bits, group_size = to_mlx_affine(t.data, t.tensor_type, shape)
+                yield name, QuantizedTensor(w, scales, biases, bits, group_size, f"{t.tensor_type.name} (exact)")
+                continue
+            w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
             if "norm" in t.name:
                 w = w - 1.0  # llama.cpp stores Gemma norm weights with the +1 already added
-            yield name, w
+            yield name, (FloatTensor(w, t.tensor_type.name) if native else w)
 
     def tokenizer_model(self) -> bytes:
         from .gguf_tokenizer import sentencepiece_model_from_gguf

@@ -18,6 +18,8 @@ import mlx.core as mx
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
+from .quantize import pack
+
 GROUP_SIZE = 32
 
 # GGML types that map exactly onto MLX groups of 32 -> MLX bits.
@@ -55,32 +57,10 @@ def to_mlx_affine(
 
     q, scales, biases = _DECODERS[qtype](blocks)
     bits = MLX_EXACT[qtype]
-    packed = _pack(q.reshape(rows, cols), bits)
+    packed = pack(q.reshape(rows, cols), bits)
     scales = scales.reshape(rows, cols // GROUP_SIZE).astype(np.float32)
     biases = biases.reshape(rows, cols // GROUP_SIZE).astype(np.float32)
     return mx.array(packed), mx.array(scales), mx.array(biases), bits, GROUP_SIZE
-
-
-# ---- MLX packing ----------------------------------------------------------------------------
-
-
-def _pack(q: np.ndarray, bits: int) -> np.ndarray:
-    """(rows, cols) uint8 in [0, 2**bits) -> (rows, cols * bits / 32) uint32 in MLX's layout.
-
-    MLX reads each row as one little-endian bit stream: value i occupies bits
-    [i * bits, (i + 1) * bits) of the row's bytes. For 4 and 8 bits that is value i in
-    word i * bits // 32 at shift (i * bits) % 32; 5-bit values straddle word boundaries.
-    """
-    rows, cols = q.shape
-    if bits == 8:
-        return np.ascontiguousarray(q).view("<u4")
-    # 8 values of `bits` bits fill exactly `bits` bytes: build them in a uint64, keep the low bytes.
-    q8 = q.reshape(rows, cols // 8, 8)
-    word = np.zeros((rows, cols // 8), dtype=np.uint64)
-    for k in range(8):  # loops over positions within 8 values, never over blocks
-        word |= q8[..., k].astype(np.uint64) << np.uint64(k * bits)
-    stream = word.astype("<u8").view(np.uint8).reshape(rows, cols // 8, 8)[..., :bits]
-    return np.ascontiguousarray(stream).reshape(rows, cols * bits // 8).view("<u4")
 
 
 # ---- GGML block fields -------------------------------------------------------------------------

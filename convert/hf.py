@@ -24,7 +24,10 @@ class HFSource:
     def config(self) -> ModelConfig:
         return self._config
 
-    def tensors(self) -> Iterator[tuple[str, mx.array]]:
+    def tensor_count(self) -> int:
+        return sum(sanitize_name(n) is not None for f in self.files for n in f.names)
+
+    def tensors(self, native: bool = False) -> Iterator[tuple[str, mx.array]]:
         for f in self.files:
             for k in f.names:
                 name = sanitize_name(k)

@@ -1,21 +1,43 @@
-"""`convert(source, out)`: a Hugging Face directory or a GGUF file -> an MLX model directory.
+"""`convert(source, out)`: a Hugging Face directory, hub id or GGUF file -> an MLX model directory.
 
-Tensor by tensor into an atomic output directory (see writer.py). Quantization is step 2:
-`dtype` picks the float storage type for now.
+Tensor by tensor into an atomic output directory (writer.py), so peak memory stays near the
+largest tensor plus one output shard. What each tensor becomes:
+- GGUF, no --bits/--recipe: blocks MLX can express exactly keep their own bits; Q6_K/Q3_K/Q2_K
+  are requantized at the nearest MLX bits that lose least; float tensors keep their type.
+- `bits`: every matrix (the tied embedding included) at `bits`, like mlx-lm's default.
+- `recipe`: mixed precision from RECIPES (see quality.py for how the choices were measured).
+- otherwise float, in `dtype`.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
+import numpy as np
 
 from ..errors import ConversionError, ModelFileError
-from ..loader import DTYPES
+from .tensors import FloatTensor, QuantizedTensor
 from .writer import ShardWriter, atomic_directory, write_config
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+GROUP_SIZES = (32, 64, 128)
+BITS = (2, 3, 4, 5, 6, 8)
+# GGUF block types with 16-value sub-blocks (not expressible in MLX groups) -> bits that lose least.
+GGUF_FALLBACK_BITS = {"Q6_K": 8, "Q3_K": 4, "Q2_K": 3}
+GGUF_FLOAT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+# Mixed-precision recipes: (base bits, group size, {name fragment: bits}). The first fragment
+# found in a tensor's name wins. Chosen from per-tensor sensitivity measured on the 270M
+# (tests/benchmarks/sensitivity.py): the tied embedding/output matrix dominates the loss.
+RECIPES = {
+    "mixed-4-8": (4, 64, {"embed_tokens": 8, "v_proj": 8, "down_proj": 8}),
+    "mixed-4-6": (4, 64, {"embed_tokens": 6, "v_proj": 6}),
+}
 
 
 @dataclass
@@ -23,7 +45,8 @@ class ConversionReport:
     out: Path
     n_params: int
     n_bytes: int
-    dtype: str
+    formats: Counter = field(default_factory=Counter)  # "Q4_K (exact) -> 4-bit g32": tensor count
+    quality: dict | None = None  # {"kl": ..., "top1": ..., "tokens": ...} against the float source
 
     @property
     def bits_per_weight(self) -> float:
@@ -34,7 +57,11 @@ def open_source(source: str | Path):
     from .gguf import GGUFSource
     from .hf import HFSource
 
-    p = Path(source)
+    from .hub import download, looks_like_hub_id
+
+    p = Path(source).expanduser()
+    if not p.exists() and looks_like_hub_id(str(source)):
+        p = download(str(source))
     if not p.exists():
         raise ModelFileError(f"{p}: no such file or directory")
     if p.is_file():
@@ -44,51 +71,135 @@ def open_source(source: str | Path):
     return HFSource(p)
 
 
+def is_matrix(name: str, shape) -> bool:
+    """Projection and embedding matrices are quantized; norms and other vectors never are."""
+    return len(shape) == 2 and name.endswith(("_proj.weight", "embed_tokens.weight"))
+
+
+def plan(name: str, bits: int | None, group_size: int, recipe: str | None) -> tuple[int, int] | None:
+    """(bits, group_size) for a matrix, or None to keep it float."""
+    if recipe is not None:
+        base, gs, overrides = RECIPES[recipe]
+        return next((b for frag, b in overrides.items() if frag in name), base), gs
+    return (bits, group_size) if bits is not None else None
+
+
+def validate(bits, group_size, recipe, dtype) -> None:
+    if bits is not None and bits not in BITS:
+        raise ConversionError(f"unsupported --bits {bits} (choose from {', '.join(map(str, BITS))})")
+    if group_size not in GROUP_SIZES:
+        raise ConversionError(f"unsupported --group-size {group_size} (choose 32, 64 or 128)")
+    if recipe is not None and recipe not in RECIPES:
+        raise ConversionError(f"unknown --recipe {recipe!r} (choose from {', '.join(RECIPES)})")
+    if bits is not None and recipe is not None:
+        raise ConversionError("give --bits or --recipe, not both")
+    if dtype is not None and dtype not in ("float32", "bfloat16"):
+        raise ConversionError(f"unsupported --dtype {dtype!r} (choose float32 or bfloat16)")
+
+
+def _store_scales(a) -> mx.array:
+    """float16 when that is exact (GGUF Q8_0/Q4_0/Q5_0 scales are), else float32 (K-quant products)."""
+    a = np.asarray(a, dtype=np.float32)
+    h = a.astype(np.float16)
+    return mx.array(h if np.array_equal(h.astype(np.float32), a) else a)
+
+
 def convert(
     source: str | Path,
     out: str | Path,
+    *,
     dtype: str | None = None,
+    bits: int | None = None,
+    group_size: int = 64,
+    recipe: str | None = None,
+    method: str = "search",
     force: bool = False,
+    check: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> ConversionReport:
     """Convert `source` into the MLX model directory `out`. Never modifies `source`."""
+    from .quantize import quantize
+
+    validate(bits, group_size, recipe, dtype)
     src = open_source(source)
-    out = Path(out)
-    if out.resolve() == Path(source).resolve():
+    out = Path(out).expanduser()
+    if out.resolve() == src.path.resolve():
         raise ConversionError("the output directory must differ from the source")
     if out.exists() and not force:
         raise ConversionError(f"{out} already exists (use --force to overwrite it)")
-    if dtype is None:
-        dtype = "float32" if src.path.is_file() else "bfloat16"  # GGUF blocks dequantize exactly to float32
-    if dtype not in DTYPES:
-        raise ConversionError(f"unsupported dtype {dtype!r} (choose {' or '.join(DTYPES)})")
+    is_gguf = src.path.is_file()
+    native = is_gguf and bits is None and recipe is None and dtype is None
     config = src.config()
     tokenizer = src.tokenizer_model()
     if tokenizer is None:
         warnings.warn(f"{source}: no tokenizer.model in the source; the converted model takes token ids only", stacklevel=2)
+    total = src.tensor_count()
+    report = ConversionReport(out, 0, 0)
+    settings: dict[str, dict] = {}
+
     with atomic_directory(out, force=force) as tmp:
         writer = ShardWriter(tmp)
-        items = src.tensors()
-        total = _count(src)
-        n_params = 0
-        for i, (name, w) in enumerate(items):
-            w = mx.array(w).astype(DTYPES[dtype])
-            n_params += w.size
-            writer.add(name, w)
-            if progress:
-                progress(i + 1, total)
+        for i, (name, t) in enumerate(src.tensors(native=native)):
+            origin = t.origin if isinstance(t, (QuantizedTensor, FloatTensor)) else "float"
+            if isinstance(t, FloatTensor):
+                t = t.value
+            spec = None
+            if isinstance(t, QuantizedTensor):
+                q = t
+            else:
+                spec = plan(name, bits, group_size, recipe) if is_matrix(name, t.shape) else None
+                if native and is_matrix(name, t.shape) and origin in GGUF_FALLBACK_BITS:
+                    spec = (GGUF_FALLBACK_BITS[origin], 32)
+                if spec is None:
+                    target = dtype or (GGUF_FLOAT.get(origin, "float32") if is_gguf else _source_dtype(t))
+                    if not is_matrix(name, t.shape) and is_gguf:
+                        target = dtype or "float32"  # norms: tiny, keep full precision
+                    w = mx.array(t).astype(DTYPES[target])
+                    writer.add(name, w)
+                    report.n_params += w.size
+                    report.formats[f"{origin} -> {target}"] += 1
+                    _tick(progress, i, total)
+                    continue
+                wq, scales, biases = quantize(t, spec[0], spec[1], method=method)
+                q = QuantizedTensor(wq, scales, biases, spec[0], spec[1], origin)
+            module = name.rsplit(".", 1)[0]
+            writer.add(f"{module}.weight", q.weight)
+            writer.add(f"{module}.scales", _store_scales(q.scales) if native else mx.array(q.scales).astype(mx.float16))
+            writer.add(f"{module}.biases", _store_scales(q.biases) if native else mx.array(q.biases).astype(mx.float16))
+            settings[module] = {"bits": q.bits, "group_size": q.group_size}
+            report.n_params += q.weight.size * 32 // q.bits
+            kind = "requantized" if spec and native else ""
+            report.formats[f"{q.origin} -> {q.bits}-bit g{q.group_size} {kind}".strip()] += 1
+            _tick(progress, i, total)
         writer.close()
+        report.n_bytes = writer.total_bytes
+        if settings:
+            config = _with_quantization(config, settings)
         write_config(tmp, config.to_dict())
         if tokenizer is not None:
             (tmp / "tokenizer.model").write_bytes(tokenizer)
-    return ConversionReport(out, n_params, writer.total_bytes, dtype)
+        if check:
+            from .quality import check_against_source
+
+            report.quality = check_against_source(tmp, src)
+    return report
 
 
-def _count(src) -> int:
-    if hasattr(src, "reader"):
-        from .gguf import mlx_name
+def _tick(progress, i, total):
+    if progress:
+        progress(i + 1, total)
 
-        return sum(mlx_name(t.name) is not None for t in src.reader.tensors)
-    from ..loader import sanitize_name
 
-    return sum(sanitize_name(n) is not None for f in src.files for n in f.names)
+def _source_dtype(t) -> str:
+    """Float tensors of a Hugging Face checkpoint keep their own type."""
+    return {mx.float32: "float32", mx.float16: "float16"}.get(t.dtype, "bfloat16")
+
+
+def _with_quantization(config, settings: dict[str, dict]):
+    """Record the most common (bits, group_size) as the default and the rest per module."""
+    import dataclasses
+
+    common = Counter((s["bits"], s["group_size"]) for s in settings.values()).most_common(1)[0][0]
+    q = {"mode": "affine", "bits": common[0], "group_size": common[1]}
+    q.update({m: s for m, s in settings.items() if (s["bits"], s["group_size"]) != common})
+    return dataclasses.replace(config, quantization=q)

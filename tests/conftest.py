@@ -36,9 +36,19 @@ def gemma3_home(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def model_270m_dir(gemma3_home) -> Path:
-    """The default model: the 270M GGUF converted to float32 (exactly its dequantized weights)."""
+def default_model_dir(gemma3_home) -> Path:
+    """The default model as users get it: the 270M GGUF imported at its own block bits."""
     return gemma3_home / "models" / "gemma-3-270m"
+
+
+@pytest.fixture(scope="session")
+def model_270m_dir(gguf_270m, tmp_path_factory) -> Path:
+    """The 270M GGUF converted to float32: exactly its dequantized weights, the parity reference."""
+    from gemma3_mlx.convert import convert
+
+    out = tmp_path_factory.mktemp("m270") / "gemma-3-270m-f32"
+    convert(gguf_270m, out, dtype="float32")
+    return out
 
 
 @pytest.fixture(scope="session")

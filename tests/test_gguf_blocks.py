@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize, quantize
 
-from gemma3_mlx.convert.gguf_blocks import GROUP_SIZE, MLX_EXACT, _pack, to_mlx_affine
+from gemma3_mlx.convert.gguf_blocks import GROUP_SIZE, MLX_EXACT, to_mlx_affine
+from gemma3_mlx.convert.quantize import pack
 
 T = gguf.GGMLQuantizationType
 QUANTIZABLE = {T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1}  # gguf 0.19 cannot quantize K-quants
@@ -71,7 +72,7 @@ def test_packing_matches_mlx_quantize(bits):
     w, scales, biases = mx.quantize(mx.array(q.astype(np.float32)), group_size=32, bits=bits)
     # MLX picks the negative scale here (scale -1, bias top), so it stores top - q.
     assert np.all(np.array(scales) == -1) and np.all(np.array(biases) == top)
-    assert np.array_equal(np.array(w), _pack(top - q, bits))
+    assert np.array_equal(np.array(w), pack(top - q, bits))
 
 
 @pytest.mark.parametrize("qtype", [T.Q6_K, T.Q3_K, T.Q2_K, T.F32])
