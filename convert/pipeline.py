@@ -160,7 +160,13 @@ def convert(
                     report.formats[f"{origin} -> {target}"] += 1
                     _tick(progress, i, total)
                     continue
-                wq, scales, biases = quantize(t, spec[0], spec[1], method=method)
+                if recipe is not None and t.shape[-1] % spec[1]:
+                    # Recipes name a group size for real models; odd sizes take the largest that fits.
+                    spec = (spec[0], next((g for g in reversed(GROUP_SIZES) if t.shape[-1] % g == 0), spec[1]))
+                try:
+                    wq, scales, biases = quantize(t, spec[0], spec[1], method=method)
+                except ValueError as e:
+                    raise ConversionError(f"{name}: {e}") from None
                 q = QuantizedTensor(wq, scales, biases, spec[0], spec[1], origin)
             module = name.rsplit(".", 1)[0]
             writer.add(f"{module}.weight", q.weight)

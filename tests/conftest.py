@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+import gemma3_mlx  # noqa: F401  first, so OpenBLAS is loaded before any test imports mlx.core
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
