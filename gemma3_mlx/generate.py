@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import mlx.core as mx
 
+from .prompt_cache import PromptCache
 from .sample import make_sampler
 
 STOP_IDS = (1, 106)  # <eos>, <end_of_turn>
@@ -23,10 +24,12 @@ class GenerationResponse:
     text: str  # the text that became final with this step ("" when a character is still incomplete)
     token: int | None  # the token generated this step; None on the closing response
     prompt_tokens: int
+    prefill_tokens: int  # prompt tokens actually processed (the rest came from the prompt cache)
     prompt_tps: float
     generation_tokens: int
     generation_tps: float
     peak_memory_gb: float
+    kv_bytes: int  # memory held by the KV cache
     finish_reason: str | None = None  # "stop" (eos / end_of_turn), "length", or None while running
 
 
@@ -37,7 +40,7 @@ def prefill(model, ids: Sequence[int], cache: list, chunk: int = 512) -> mx.arra
     x = mx.array(list(ids))[None]
     for start in range(0, len(ids) - chunk, chunk):
         model(x[:, start : start + chunk], cache, logits="none")
-        mx.eval([c.keys for c in cache])  # bound the lazy graph: one chunk at a time
+        mx.eval([c.state for c in cache])  # bound the lazy graph: one chunk at a time
     start = ((len(ids) - 1) // chunk) * chunk
     return model(x[:, start:], cache, logits="last")[:, -1, :]
 
@@ -46,35 +49,44 @@ def generate_tokens(
     model,
     prompt_ids: Sequence[int],
     *,
-    cache: list | None = None,
+    cache: PromptCache | None = None,
     max_tokens: int = 256,
     sampler=None,
     stop_ids: Sequence[int] = STOP_IDS,
     prefill_chunk: int = 512,
     stats: dict | None = None,
 ) -> Iterator[int]:
-    """Yield generated token ids (the stop token included, then it ends)."""
-    cache = model.make_cache() if cache is None else cache
+    """Yield generated token ids (the stop token included, then it ends).
+
+    With a `PromptCache`, only the part of the prompt it does not already hold is processed,
+    and it keeps the conversation (prompt + reply) for the next call.
+    """
+    pc = PromptCache(model) if cache is None else cache
     sampler = sampler or make_sampler()
     history = list(prompt_ids)
     t0 = time.perf_counter()
-    logits = prefill(model, prompt_ids, cache, prefill_chunk)
+    logits = pc.prefill(prompt_ids, prefill_chunk)
+    pc.snapshot()  # end of the prompt: regenerating this reply starts here
     token = sampler(logits, history)
     mx.eval(token)
     if stats is not None:
         stats["prompt_time"] = time.perf_counter() - t0
+        stats["prefill_tokens"] = pc.reprocessed
         stats["decode_start"] = time.perf_counter()
-    for n in range(max_tokens):
-        tok = int(token.item())
-        history.append(tok)
-        if tok in stop_ids or n == max_tokens - 1:
+    try:
+        for n in range(max_tokens):
+            tok = int(token.item())
+            history.append(tok)
+            if tok in stop_ids or n == max_tokens - 1:
+                yield tok
+                return
+            # Queue the next step before handing this token out, so the model works while the caller prints.
+            logits = pc.feed([tok])
+            token = sampler(logits, history)
+            mx.async_eval(token)
             yield tok
-            return
-        # Queue the next step before handing this token out, so the model works while the caller prints.
-        logits = model(mx.array([[tok]]), cache, logits="last")[:, -1, :]
-        token = sampler(logits, history)
-        mx.async_eval(token)
-        yield tok
+    finally:
+        pc.snapshot()  # end of the reply: the next turn (or an edit of it) starts here
 
 
 def _prompt_ids(tokenizer, prompt) -> list[int]:
@@ -97,11 +109,12 @@ def stream_generate(
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
     seed: int | None = None,
-    cache: list | None = None,
+    cache: PromptCache | None = None,
     prefill_chunk: int = 512,
 ) -> Iterator[GenerationResponse]:
     """Stream text for `prompt`: raw text (BOS added), a list of token ids, or chat messages
-    (`[{"role": "user", "content": "..."}]`, rendered with Gemma's chat format)."""
+    (`[{"role": "user", "content": "..."}]`, rendered with Gemma's chat format).
+    Pass a `PromptCache` to reuse work across calls (multi-turn chat, a shared document)."""
     from .tokenizer import StreamingDetokenizer
 
     if max_tokens < 1:
@@ -110,6 +123,7 @@ def stream_generate(
     ids = _prompt_ids(tokenizer, prompt)
     detok = StreamingDetokenizer(tokenizer)
     mx.reset_peak_memory()
+    pc = PromptCache(model) if cache is None else cache
     stats: dict = {}
     n = 0
 
@@ -120,16 +134,18 @@ def stream_generate(
             text=text,
             token=token,
             prompt_tokens=len(ids),
-            prompt_tps=len(ids) / max(stats["prompt_time"], 1e-9),
+            prefill_tokens=stats["prefill_tokens"],
+            prompt_tps=stats["prefill_tokens"] / max(stats["prompt_time"], 1e-9),
             generation_tokens=n,
             generation_tps=n / max(decode_time, 1e-9),
             peak_memory_gb=mx.get_peak_memory() / 1e9,
+            kv_bytes=pc.nbytes,
             finish_reason=finish,
         )
 
     finish = "length"
     for token in generate_tokens(
-        model, ids, cache=cache, max_tokens=max_tokens, sampler=sampler, prefill_chunk=prefill_chunk, stats=stats
+        model, ids, cache=pc, max_tokens=max_tokens, sampler=sampler, prefill_chunk=prefill_chunk, stats=stats
     ):
         n += 1
         if token in STOP_IDS:

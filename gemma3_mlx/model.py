@@ -12,7 +12,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache, WindowCache
+from .cache import KVCache, QuantizedKVCache, WindowCache
 from .config import ModelConfig, TextConfig
 
 
@@ -57,8 +57,29 @@ class Attention(nn.Module):
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=self.rope_scale, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if isinstance(cache, QuantizedKVCache):
+            out = quantized_attention(q, k, v, self.scale, mask, cache)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def quantized_attention(q, keys, values, scale, mask, cache: QuantizedKVCache) -> mx.array:
+    """Attention over a quantized cache with quantized matmuls: no float copy of the cache.
+
+    q: (B, n_heads, L, D); keys/values: (packed, scales, biases), each (B, n_kv_heads, T, ...).
+    """
+    B, H, L, D = q.shape
+    Hkv = keys[0].shape[1]
+    q = (q * scale).reshape(B, Hkv, H // Hkv, L, D)  # grouped-query: heads sharing a kv head
+    k = tuple(a[:, :, None] for a in keys)
+    v = tuple(a[:, :, None] for a in values)
+    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=cache.group_size, bits=cache.key_bits)
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+    probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)  # softmax in float32
+    out = mx.quantized_matmul(probs, *v, transpose=False, group_size=cache.group_size, bits=cache.value_bits)
+    return out.reshape(B, H, L, -1)
 
 
 class MLP(nn.Module):
@@ -122,9 +143,18 @@ class Model(nn.Module):
         self.config = config
         self.model = TextModel(config.text)
 
-    def make_cache(self) -> list:
+    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64, value_bits: int | None = None,
+                   max_context: int | None = None) -> list:
+        """One cache per layer: a window ring for local layers; for global layers a full cache,
+        quantized to `kv_bits` (keys) / `value_bits` (values, default kv_bits) when asked."""
         t = self.config.text
-        return [WindowCache(t.sliding_window) if local else KVCache() for local in t.is_local]
+
+        def global_cache():
+            if kv_bits is None:
+                return KVCache(max_context)
+            return QuantizedKVCache(kv_bits, value_bits or kv_bits, kv_group_size, max_context)
+
+        return [WindowCache(t.sliding_window) if local else global_cache() for local in t.is_local]
 
     def __call__(self, input_ids: mx.array, cache: list | None = None, *, logits: str = "all") -> mx.array | None:
         # input_ids: (B, L)
