@@ -66,7 +66,7 @@ def generate_tokens(
     history = list(prompt_ids)
     t0 = time.perf_counter()
     logits = pc.prefill(prompt_ids, prefill_chunk)
-    pc.snapshot()  # end of the prompt: regenerating this reply starts here
+    pc.snapshot(logits)  # end of the prompt: regenerating this reply starts here
     token = sampler(logits, history)
     mx.eval(token)
     if stats is not None:

@@ -136,7 +136,8 @@ class TextModel(nn.Module):
 
 
 class Model(nn.Module):
-    """Gemma 3 causal LM. `logits`: "all" positions, the "last" only (generation), or "none"."""
+    """Gemma 3 causal LM. `logits`: "all" positions, the "last" only (generation), "none", or
+    "hidden" (the final hidden states; `head(h)` turns chosen positions into logits)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -163,7 +164,12 @@ class Model(nn.Module):
         h = self.model(self.model.embed(input_ids), cache)
         if logits == "none":
             return None
+        if logits == "hidden":  # final-norm hidden states (B, L, D): apply `head` where needed
+            return h
         if logits == "last":
             h = h[:, -1:, :]
+        return self.head(h)
+
+    def head(self, h: mx.array) -> mx.array:
         # The output head is tied to the embedding matrix.
         return self.model.embed_tokens.as_linear(h)

@@ -67,10 +67,11 @@ class PromptCache:
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layers)
 
-    def snapshot(self) -> None:
-        """Remember the local layers' state at the current length (a turn boundary)."""
+    def snapshot(self, logits: mx.array | None = None) -> None:
+        """Remember the local layers' state at the current length (a turn boundary), and the
+        last position's logits when given, so the same prompt again runs nothing."""
         n = len(self.tokens)
-        self.snapshots[n] = [_copy(c.state) if isinstance(c, WindowCache) else None for c in self.layers]
+        self.snapshots[n] = ([_copy(c.state) if isinstance(c, WindowCache) else None for c in self.layers], logits)
         while len(self.snapshots) > self.max_snapshots:
             del self.snapshots[min(self.snapshots)]
 
@@ -82,7 +83,7 @@ class PromptCache:
         if keep == 0:
             self.layers = self.model.make_cache(**self.cache_args)
         else:
-            for c, saved in zip(self.layers, self.snapshots[keep]):
+            for c, saved in zip(self.layers, self.snapshots[keep][0]):
                 if isinstance(c, WindowCache):
                     c.restore(_copy(saved), keep)
                 else:
@@ -107,6 +108,11 @@ class PromptCache:
             if a != b:
                 break
             common += 1
+        saved = self.snapshots.get(len(ids))
+        if common == len(ids) and saved is not None and saved[1] is not None:
+            self.rewind(len(ids))  # e.g. regenerating a reply: the prompt is all cached
+            self.reprocessed = 0
+            return saved[1]
         common = min(common, len(ids) - 1)  # the last prompt token must run to give logits
         start = self.rewind(common)
         rest = ids[start:]

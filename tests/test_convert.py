@@ -225,3 +225,11 @@ def test_source_is_never_modified(tmp_path):
         convert(FIXTURES / "tiny_v5", tmp_path / "out", bits=4, group_size=32, check=True)
     assert digest(FIXTURES / "tiny_v5") == before
     assert os.listdir(tmp_path) == ["out"]
+
+
+def test_bfloat16_round_trip_270m(gguf_270m, tmp_path):
+    r = convert(gguf_270m, tmp_path / "bf16", dtype="bfloat16")
+    assert r.formats["float -> bfloat16"] == 127 and 15.9 < r.bits_per_weight < 16.1
+    model, tok = gemma3_mlx.load(tmp_path / "bf16", dtype="float32")
+    got = list(generate_tokens(model, tok.encode(META["greedy_prompt"]), max_tokens=8))
+    assert got[:5] == REF["greedy.ids"][:5].tolist()

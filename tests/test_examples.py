@@ -20,3 +20,12 @@ def test_generate_example(gemma3_home):
     text, stats = r.stdout.rsplit("\n[", 1)
     assert text.startswith(" the capital of the country of France.") and len(text) > 80
     assert "32 generated" in stats and "finish: length" in stats
+
+
+def test_kv_memory_example_prints_the_readme_table():
+    r = subprocess.run([sys.executable, str(EXAMPLES / "kv_memory.py")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| 4B") or line.startswith("| 27B")]
+    assert len(rows) == 6 and all(row in readme for row in rows)  # the README shows exactly these numbers
+    assert "| 27B | 128K | 62.00 GiB | 10.41 GiB |" in r.stdout

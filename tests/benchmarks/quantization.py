@@ -201,8 +201,9 @@ _HEADER = ("| tool   | variant                               | bits/weight |   M
 
 def _format(r: dict) -> str:
     s = f"{r['seconds']:9.1f}" if r["seconds"] is not None else "        -"
+    kl = f"{r['kl']:7.4f}" if r["kl"] >= 1e-3 else f"{r['kl']:7.1e}"
     return (f"| {r['tool']:<6} | {r['variant']:<37} | {r['bpw']:11.3f} | {r['mb']:5.0f} | {r['scales']:<7} "
-            f"| {r['kl']:7.4f} | {100 * r['top1']:5.1f}% | {s} |")
+            f"| {kl} | {100 * r['top1']:5.1f}% | {s} |")
 
 
 if __name__ == "__main__":
