@@ -25,14 +25,20 @@ class HFSource:
         return self._config
 
     def tensor_count(self) -> int:
-        return sum(sanitize_name(n) is not None for f in self.files for n in f.names)
+        vision = self._config.vision is not None
+        return sum(sanitize_name(n) is not None or vision for f in self.files for n in f.names)
 
     def tensors(self, native: bool = False) -> Iterator[tuple[str, mx.array]]:
+        from ..vision import sanitize_vision
+
+        vision = self._config.vision is not None
         for f in self.files:
             for k in f.names:
                 name = sanitize_name(k)
                 if name is not None:
                     yield name, f.get(k)
+                elif vision:  # the vision tower in MLX layout, at the checkpoint's precision
+                    yield from sanitize_vision({k: f.get(k)}, dtype=None).items()
 
     def tokenizer_model(self) -> bytes | None:
         f = self.path / "tokenizer.model"

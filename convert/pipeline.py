@@ -73,6 +73,8 @@ def open_source(source: str | Path):
 
 def is_matrix(name: str, shape) -> bool:
     """Projection and embedding matrices are quantized; norms and other vectors never are."""
+    if name.startswith(("vision_tower.", "multi_modal_projector.")):
+        return False  # the vision tower stays at the checkpoint's precision
     return len(shape) == 2 and name.endswith(("_proj.weight", "embed_tokens.weight"))
 
 

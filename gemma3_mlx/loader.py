@@ -37,7 +37,7 @@ def sanitize_name(name: str) -> str | None:
         if name.startswith(prefix):
             return "model." + name[len(prefix):]
     if name.startswith(("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")):
-        return None  # the vision tower comes in a later step
+        return None  # the vision tower's keys: vision.sanitize_vision
     return name
 
 
@@ -113,20 +113,21 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize
     if dtype == mx.float16:
         raise ValueError("float16 compute is not supported: Gemma 3 activations overflow it")
     model = Model(config)
-    weights = {}
+    raw = {}
     for file in checkpoint_files(path):
         st = SafetensorsFile(file)
-        for k in st.names:
-            name = sanitize_name(k)
-            if name is not None:
-                weights[name] = st.get(k)
-    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+        raw.update({k: st.get(k) for k in st.names})
+    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in sanitize(raw).items()}
     if dequantize is None:
         dequantize = mx.default_device() == mx.cpu
     if config.quantization and dequantize:
         weights = dequantize_weights(config.quantization, weights, dtype)
     elif config.quantization:
         quantize_like(model, config.quantization, weights)
+    if config.vision is not None:
+        from .vision import sanitize_vision
+
+        weights.update(sanitize_vision(raw, dtype=mx.float32))  # the tower runs in float32, like the reference
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
@@ -142,7 +143,11 @@ def load_tokenizer(path: str | Path):
     if not f.exists():
         warnings.warn(f"{path}: no tokenizer.model; token ids only", stacklevel=2)
         return None
-    return Tokenizer(f)
+    c = load_config(Path(path))
+    if c.vision is None:
+        return Tokenizer(f)
+    return Tokenizer(f, boi_token_index=c.boi_token_index, eoi_token_index=c.eoi_token_index,
+                     image_token_index=c.image_token_index)
 
 
 def load(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize: bool | None = None) -> tuple:

@@ -11,6 +11,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .cache import KVCache, QuantizedKVCache, WindowCache
 from .config import ModelConfig, TextConfig
@@ -124,15 +125,39 @@ class TextModel(nn.Module):
         # Scaled by sqrt(hidden), rounded to the compute dtype first as the reference does.
         return h * mx.array(math.sqrt(self.config.hidden_size), dtype=h.dtype)
 
-    def __call__(self, h: mx.array, cache: list) -> mx.array:
+    def __call__(self, h: mx.array, cache: list, image_blocks: mx.array | None = None) -> mx.array:
         L = h.shape[1]
         masks = {}
         for layer, c in zip(self.layers, cache):
             if layer.is_local not in masks:
                 # Every layer of one kind has the same cache geometry, so one mask per kind.
-                masks[layer.is_local] = c.make_mask(L)
+                masks[layer.is_local] = with_image_blocks(c.make_mask(L), image_blocks)
             h = layer(h, masks[layer.is_local], c)
         return self.norm(h)
+
+
+def image_blocks(ids, image_token: int) -> mx.array | None:
+    """(L,) block number of each image soft token (-1 for text), or None without images.
+    Each maximal run of soft tokens is one image."""
+    ids = np.asarray(ids)
+    is_img = ids == image_token
+    if not is_img.any():
+        return None
+    starts = is_img & ~np.concatenate([[False], is_img[:-1]])
+    return mx.array(np.where(is_img, np.cumsum(starts) - 1, -1))
+
+
+def with_image_blocks(mask: mx.array | None, blocks: mx.array | None) -> mx.array | None:
+    """Let soft tokens of one image also see the later tokens of the same image.
+
+    Only future keys are added (kv > q); the causal and window rules already decide every
+    earlier key, as in the reference. The chunk's own keys are the last L of the keys."""
+    if blocks is None or mask is None:  # no mask: a single query, which has no future keys
+        return mask
+    L, n_keys = blocks.shape[0], mask.shape[1]
+    same = (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
+    future = mx.arange(L)[None, :] > mx.arange(L)[:, None]
+    return mx.concatenate([mask[:, : n_keys - L], mask[:, n_keys - L :] | (same & future)], axis=1)
 
 
 class Model(nn.Module):
@@ -143,6 +168,35 @@ class Model(nn.Module):
         super().__init__()
         self.config = config
         self.model = TextModel(config.text)
+        if config.vision is not None:
+            from .vision import Projector, VisionTower
+
+            self.vision_tower = VisionTower(config.vision)
+            self.multi_modal_projector = Projector(config)
+
+    def encode_images(self, pixel_values: mx.array) -> mx.array:
+        """(N, H, W, 3) preprocessed images -> (N, mm_tokens_per_image, hidden) soft-token embeddings."""
+        from .vision import encode_images
+
+        if self.config.vision is None:
+            raise ValueError("this model has no vision tower (a text-only Gemma 3)")
+        return encode_images(self.vision_tower, self.multi_modal_projector, pixel_values)
+
+    def embed(self, input_ids: mx.array, image_features: mx.array | None) -> mx.array:
+        image_token = self.config.image_token_index
+        ids = input_ids
+        if self.config.vision is not None and image_token >= self.config.text.vocab_size:
+            ids = mx.where(ids == image_token, 0, ids)  # the soft token may lie past the table
+        h = self.model.embed(ids)
+        if image_features is None:
+            return h
+        # Soft tokens take the projected image features, in order, not scaled by sqrt(hidden).
+        pos = np.nonzero(np.array(input_ids[0]) == image_token)[0]
+        feats = image_features.reshape(-1, h.shape[-1])
+        if input_ids.shape[0] != 1 or len(pos) != feats.shape[0]:
+            raise ValueError(f"{len(pos)} image tokens in the prompt but {feats.shape[0]} image features (batch 1)")
+        h[0, mx.array(pos)] = feats.astype(h.dtype)
+        return h
 
     def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64, value_bits: int | None = None,
                    max_context: int | None = None) -> list:
@@ -157,11 +211,19 @@ class Model(nn.Module):
 
         return [WindowCache(t.sliding_window) if local else global_cache() for local in t.is_local]
 
-    def __call__(self, input_ids: mx.array, cache: list | None = None, *, logits: str = "all") -> mx.array | None:
-        # input_ids: (B, L)
+    def __call__(self, input_ids: mx.array, cache: list | None = None, *, pixel_values: mx.array | None = None,
+                 image_features: mx.array | None = None, logits: str = "all") -> mx.array | None:
+        """input_ids: (B, L), with each image already expanded to its soft tokens; pixel_values:
+        (N, H, W, 3) for the N images in order (or their `image_features` from `encode_images`).
+        An image block must not be split across calls (prompt_cache.py keeps them whole)."""
         if cache is None:
             cache = self.make_cache()
-        h = self.model(self.model.embed(input_ids), cache)
+        if pixel_values is not None:
+            image_features = self.encode_images(pixel_values)
+        blocks = None
+        if self.config.vision is not None:
+            blocks = image_blocks(np.array(input_ids[0]), self.config.image_token_index)
+        h = self.model(self.embed(input_ids, image_features), cache, blocks)
         if logits == "none":
             return None
         if logits == "hidden":  # final-norm hidden states (B, L, D): apply `head` where needed

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from .cache import KVCache, QuantizedKVCache, WindowCache
 from .errors import Gemma3Error
@@ -38,6 +39,36 @@ def fingerprint(model) -> str:
     return model._fingerprint
 
 
+def _image_key(pixels) -> str:
+    a = np.ascontiguousarray(np.asarray(pixels, dtype=np.float32))
+    return hashlib.sha256(a.tobytes() + str(a.shape).encode()).hexdigest()[:24]
+
+
+def _image_spans(ids: list[int], image_token: int) -> list[tuple[int, int]]:
+    """[start, end) of each run of image soft tokens."""
+    spans, start = [], None
+    for i, t in enumerate(ids + [None]):
+        if t == image_token and start is None:
+            start = i
+        elif t != image_token and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def _chunk_bounds(start: int, end: int, chunk: int, spans) -> list[tuple[int, int]]:
+    """Prefill chunks of about `chunk` tokens that never cut an image block in two."""
+    bounds = []
+    while start < end:
+        b = min(start + chunk, end)
+        for a, z in spans:
+            if a < b < z:
+                b = z  # extend to the end of the image block
+        bounds.append((start, b))
+        start = b
+    return bounds
+
+
 def _copy(state: dict) -> dict:
     # MLX slice assignment updates an array in place: snapshots need their own arrays.
     return {k: mx.array(v) for k, v in state.items()}
@@ -58,6 +89,8 @@ class PromptCache:
         self.snapshots: dict[int, list] = {}
         self.max_snapshots = max_snapshots
         self.reprocessed = 0  # tokens the last prefill() had to run (for stats and tests)
+        self.images: list[tuple[int, int, str]] = []  # (start, end, content key) of cached image blocks
+        self._encoded: dict[str, mx.array] = {}
 
     @property
     def offset(self) -> int:
@@ -89,25 +122,48 @@ class PromptCache:
                 else:
                     c.trim(keep)
         self.tokens = self.tokens[:keep]
+        self.images = [blk for blk in self.images if blk[1] <= keep]
         self.snapshots = {s: v for s, v in self.snapshots.items() if s <= keep}
         return keep
 
-    def feed(self, ids: list[int], logits: str = "last"):
+    def feed(self, ids: list[int], logits: str = "last", image_features: mx.array | None = None):
         """Run ids through the model on top of the cache; logits of the last position or None."""
-        out = self.model(mx.array(ids)[None], self.layers, logits=logits)
+        out = self.model(mx.array(ids)[None], self.layers, logits=logits, image_features=image_features)
         self.tokens.extend(int(t) for t in ids)
         return None if out is None else out[:, -1, :]
 
-    def prefill(self, ids: list[int], chunk: int = 512) -> mx.array:
-        """Make the cache hold `ids`, reusing the common prefix; the last position's logits (1, V)."""
+    def _features(self, pixels) -> mx.array:
+        """Soft-token embeddings of one image block, encoded once per content (LRU of 16)."""
+        key = _image_key(pixels)
+        if key not in self._encoded:
+            self._encoded[key] = self.model.encode_images(mx.array(pixels)[None])[0]
+            while len(self._encoded) > 16:
+                del self._encoded[next(iter(self._encoded))]
+        return self._encoded[key]
+
+    def prefill(self, ids: list[int], chunk: int = 512, images: list | None = None) -> mx.array:
+        """Make the cache hold `ids`, reusing the common prefix; the last position's logits (1, V).
+
+        `images`: one preprocessed (H, W, 3) array per image block in `ids`, in order. A cached
+        prefix is reused only up to the first image whose content differs.
+        """
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("the prompt is empty")
+        spans = _image_spans(ids, self.model.config.image_token_index) if self.model.config.vision else []
+        images = list(images or [])
+        if len(images) != len(spans):
+            raise ValueError(f"the prompt has {len(spans)} image blocks but {len(images)} images were given")
+        blocks = [(a, b, _image_key(img)) for (a, b), img in zip(spans, images)]
         common = 0
-        for a, b in zip(self.tokens, ids):
-            if a != b:
+        for x, y in zip(self.tokens, ids):
+            if x != y:
                 break
             common += 1
+        for blk in blocks:  # same ids, different picture: reuse stops at that image
+            if blk[0] < common and blk not in self.images:
+                common = blk[0]
+                break
         saved = self.snapshots.get(len(ids))
         if common == len(ids) and saved is not None and saved[1] is not None:
             self.rewind(len(ids))  # e.g. regenerating a reply: the prompt is all cached
@@ -115,13 +171,18 @@ class PromptCache:
             return saved[1]
         common = min(common, len(ids) - 1)  # the last prompt token must run to give logits
         start = self.rewind(common)
-        rest = ids[start:]
-        self.reprocessed = len(rest)
-        for i in range(0, len(rest) - chunk, chunk):
-            self.feed(rest[i : i + chunk], logits="none")
-            mx.eval([c.state for c in self.layers])  # bound the lazy graph: one chunk at a time
-        last = ((len(rest) - 1) // chunk) * chunk
-        return self.feed(rest[last:])
+        self.images = [blk for blk in self.images if blk[1] <= start]
+        self.reprocessed = len(ids) - start
+        bounds = _chunk_bounds(start, len(ids), chunk, spans)
+        for i, (a, b) in enumerate(bounds):
+            inside = [(blk, img) for blk, img in zip(blocks, images) if a <= blk[0] < b]
+            feats = mx.concatenate([self._features(img) for _, img in inside]) if inside else None
+            last = i == len(bounds) - 1
+            out = self.feed(ids[a:b], logits="last" if last else "none", image_features=feats)
+            self.images += [blk for blk, _ in inside]
+            if not last:
+                mx.eval([c.state for c in self.layers])  # bound the lazy graph: one chunk at a time
+        return out
 
     # ------------------------------------------------------------------ files
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 _ROLES = {"user": "user", "assistant": "model", "model": "model"}
+IMAGE_SOFT_TOKEN = "<image_soft_token>"
 
 
 class Tokenizer:
@@ -58,6 +59,9 @@ class Tokenizer:
         }
         # HF maps every control piece's text to its id (llama.cpp's GGUF types <unk> as control too).
         self._special = {pieces[i]: i for i in special}
+        if image_token_index is not None and image_token_index >= self.vocab_size:
+            # The image soft token lies past the SentencePiece vocabulary; HF names it so.
+            self._special[IMAGE_SOFT_TOKEN] = image_token_index
         self._special_lengths = sorted({len(s) for s in self._special}, reverse=True)
         first_chars = {s[0] for s in self._special}
         self._special_start = re.compile("[" + "".join(re.escape(c) for c in first_chars) + "]")
