@@ -87,11 +87,15 @@ def generate(
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.0, help="Penalize recent tokens (1: off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible sampling."),
     raw: bool = typer.Option(False, "--raw", help="No chat template (for base models such as the default one)."),
+    image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="An image to show the model (repeatable)."),
+    pan_and_scan: bool = typer.Option(False, "--pan-and-scan", help="Also show crops of large or non-square images."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: float32 or bfloat16 (default: by device)."),
 ):
     """Stream a completion of PROMPT.
 
     Example: gemma3 generate --raw "The capital of France is"
+
+    With a vision model: gemma3 generate -m gemma-3-4b-it-mlx --image photo.jpg "What is in this picture?"
     """
     from ..generate import stream_generate
     from ..loader import load
@@ -103,7 +107,8 @@ def generate(
         text = prompt if raw else [{"role": "user", "content": prompt}]
         for r in stream_generate(
             model_obj, tokenizer, text, max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p,
-            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, images=image or None,
+            pan_and_scan=pan_and_scan,
         ):
             sys.stdout.write(r.text)
             sys.stdout.flush()

@@ -55,6 +55,7 @@ def generate_tokens(
     stop_ids: Sequence[int] = STOP_IDS,
     prefill_chunk: int = 512,
     stats: dict | None = None,
+    images: list | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids (the stop token included, then it ends).
 
@@ -65,7 +66,7 @@ def generate_tokens(
     sampler = sampler or make_sampler()
     history = list(prompt_ids)
     t0 = time.perf_counter()
-    logits = pc.prefill(prompt_ids, prefill_chunk)
+    logits = pc.prefill(prompt_ids, prefill_chunk, images=images)
     pc.snapshot(logits)  # end of the prompt: regenerating this reply starts here
     token = sampler(logits, history)
     mx.eval(token)
@@ -111,16 +112,26 @@ def stream_generate(
     seed: int | None = None,
     cache: PromptCache | None = None,
     prefill_chunk: int = 512,
+    images: list | None = None,
+    pan_and_scan: bool = False,
 ) -> Iterator[GenerationResponse]:
     """Stream text for `prompt`: raw text (BOS added), a list of token ids, or chat messages
     (`[{"role": "user", "content": "..."}]`, rendered with Gemma's chat format).
-    Pass a `PromptCache` to reuse work across calls (multi-turn chat, a shared document)."""
+    Pass a `PromptCache` to reuse work across calls (multi-turn chat, a shared document).
+    `images` (paths, bytes or PIL images) go where the text says `<start_of_image>`, else before
+    the last user message; `pan_and_scan` adds the reference's crops of large or wide images."""
     from .tokenizer import StreamingDetokenizer
 
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
     sampler = make_sampler(temp, top_k, top_p, min_p, repetition_penalty, seed=seed)
-    ids = _prompt_ids(tokenizer, prompt)
+    blocks = None
+    if images:
+        from .prompt import build_prompt
+
+        ids, blocks = build_prompt(tokenizer, prompt, model.config, images, pan_and_scan)
+    else:
+        ids = _prompt_ids(tokenizer, prompt)
     detok = StreamingDetokenizer(tokenizer)
     mx.reset_peak_memory()
     pc = PromptCache(model) if cache is None else cache
@@ -145,7 +156,8 @@ def stream_generate(
 
     finish = "length"
     for token in generate_tokens(
-        model, ids, cache=pc, max_tokens=max_tokens, sampler=sampler, prefill_chunk=prefill_chunk, stats=stats
+        model, ids, cache=pc, max_tokens=max_tokens, sampler=sampler, prefill_chunk=prefill_chunk, stats=stats,
+        images=blocks,
     ):
         n += 1
         if token in STOP_IDS:

@@ -116,7 +116,7 @@ class Tokenizer:
         """<start_of_turn>model\\n: the ids that ask the model for a reply."""
         return [self.start_of_turn_id, *self.encode("model\n", add_bos=False)]
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, strip: bool = True) -> list[int]:
         """Ids for a whole conversation, starting with the single BOS.
 
         Gemma has no system role: a leading system message is put before the first user message,
@@ -138,7 +138,8 @@ class Tokenizer:
                     f"conversation roles must alternate user/model starting with user; "
                     f"message {i} has role {message.get('role')!r}"
                 )
-            ids += self._turn(role, (prefix if i == 0 else "") + _content(message).strip())
+            text = _content(message).strip() if strip else _content(message)  # strip=False: already done
+            ids += self._turn(role, (prefix if i == 0 else "") + text)
         if add_generation_prompt:
             ids += self.generation_prompt_ids()
         return ids

@@ -72,6 +72,7 @@ def mlx_lm_convert(**kw):
 
 def with_f16_scales(base: Path, out: Path) -> None:
     """An mlx-lm model directory with its scales and biases rounded to float16 (ours store float16)."""
+    shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     weights = {}
     for p in base.glob("*.safetensors"):

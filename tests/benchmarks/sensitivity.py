@@ -42,12 +42,14 @@ GROUP_SIZE = 64
 # What they showed: raising only the embedding (the biggest class) buys little; the decoder
 # layers' matrices (37% of the weights) together lose about 3x what the embedding loses at 4 bits.
 PROPOSED = {
-    "embed5": (4, 64, {"embed_tokens": 5}),  # the "embedding dominates" idea, for contrast
-    "embed5-v8-down6": (4, 64, {"embed_tokens": 5, "v_proj": 8, "down_proj": 6}),  # top classes alone
+    "embed5-v8-down6": (4, 64, {"embed_tokens": 5, "v_proj": 8, "down_proj": 6}),  # the classes that lose most alone
+    "all 4-bit g32": (4, 32, {}),
     "layers5-v8": (5, 64, {"embed_tokens": 4, "v_proj": 8}),
     "layers6": (6, 64, {"embed_tokens": 4}),
     "layers6-kv8": (6, 64, {"embed_tokens": 4, "v_proj": 8, "k_proj": 8}),
     "layers8": (8, 64, {"embed_tokens": 4}),
+    "all 5-bit": (5, 64, {}),
+    "all 5-bit, v8": (5, 64, {"v_proj": 8}),
     "embed5-layers6": (6, 64, {"embed_tokens": 5}),
     "embed5-attn8-mlp6": (6, 64, {"embed_tokens": 5, "q_proj": 8, "k_proj": 8, "v_proj": 8, "o_proj": 8}),
 }
@@ -90,34 +92,37 @@ class Bench:
         self.deq = {}  # (bits, scales dtype) -> {matrix name: float32 weight}
         self.seconds = {}
 
-    def quantized(self, bits: int, scales: str = "float16") -> dict:
+    def quantized(self, bits: int, group_size: int = GROUP_SIZE, scales: str = "float16") -> dict:
         """Matrix name -> float32 weight as the converted file holds it (scales and biases in
         float16, as pipeline.py stores them; "float32" keeps them as quantize returns them)."""
-        if (bits, scales) not in self.deq:
+        key = (bits, group_size, scales)
+        if key not in self.deq:
             t0 = time.perf_counter()
-            if bits not in self.raw:
-                self.raw[bits] = {k: quantize(self.float[k], bits, GROUP_SIZE, method="search") for k in self.matrices}
-                mx.eval(self.raw[bits])
+            if (bits, group_size) not in self.raw:
+                raw = {k: quantize(self.float[k], bits, group_size, method="search") for k in self.matrices}
+                mx.eval(raw)
+                self.raw[(bits, group_size)] = raw
             stored = lambda a: a.astype(getattr(mx, scales)).astype(mx.float32)  # noqa: E731
-            out = {k: mx.dequantize(wq, stored(s), stored(b), group_size=GROUP_SIZE, bits=bits)
-                   for k, (wq, s, b) in self.raw[bits].items()}
+            out = {k: mx.dequantize(wq, stored(s), stored(b), group_size=group_size, bits=bits)
+                   for k, (wq, s, b) in self.raw[(bits, group_size)].items()}
             mx.eval(out)
-            self.deq[(bits, scales)] = out
-            self.seconds[(bits, scales)] = time.perf_counter() - t0
-        return self.deq[(bits, scales)]
+            self.deq[key] = out
+            self.seconds[key] = time.perf_counter() - t0
+        return self.deq[key]
 
     def bits(self, spec) -> dict:
-        """Matrix name -> bits (None: float). `spec`: {class: bits} (absent classes stay float),
-        or a recipe tuple (base, group, {fragment: bits}) read as pipeline.plan reads it."""
+        """Matrix name -> (bits, group size), or None for float. `spec`: {class: bits} at group 64
+        (absent classes stay float), or a recipe tuple (base, group, {fragment: bits}) read as
+        pipeline.plan reads it."""
         if isinstance(spec, tuple):
-            return {k: fragment_bits(spec, k) for k in self.matrices}
-        return {k: spec.get(class_of(k)) for k in self.matrices}
+            return {k: (fragment_bits(spec, k), spec[1]) for k in self.matrices}
+        return {k: None if spec.get(class_of(k)) is None else (spec[class_of(k)], GROUP_SIZE) for k in self.matrices}
 
     def evaluate(self, spec, text: str = "text", scales: str = "float16") -> dict:
         weights = dict(self.float)
         for k, b in self.bits(spec).items():
             if b is not None:
-                weights[k] = self.quantized(b, scales)[k]
+                weights[k] = self.quantized(*b, scales=scales)[k]
         self.model.load_weights(list(weights.items()), strict=True)
         ids, ref, ref_lse, p, top = self.texts[text]
         logits = self.model(mx.array(ids)[None])[0]
@@ -135,7 +140,7 @@ class Bench:
         weights = dict(self.float)
         for k, b in self.bits(spec).items():
             if b is not None:
-                weights[k] = self.quantized(b)[k]
+                weights[k] = self.quantized(*b)[k]
         self.model.load_weights(list(weights.items()), strict=True)
         ids, logits = self.texts["text"][:2]
         q = compare(self.model, lambda x: logits[None], ids)
@@ -145,7 +150,7 @@ class Bench:
     def bpw(self, spec) -> float:
         """Bits per weight as the converter writes them: packed q + float16 scale and bias per group."""
         bits = self.bits(spec)
-        total = sum(v.size * (32 if bits.get(k) is None else bits[k] + 32 / GROUP_SIZE) for k, v in self.float.items())
+        total = sum(v.size * (32 if bits.get(k) is None else bits[k][0] + 32 / bits[k][1]) for k, v in self.float.items())
         return total / self.n_params
 
 
@@ -174,7 +179,7 @@ def run(bench: Bench, budget: float) -> None:
     t_start = time.perf_counter()
     for bits in LEVELS:
         bench.quantized(bits)
-    print("quantize (search, g64) all matrices: " + ", ".join(f"{b}-bit {s:.1f} s" for (b, _), s in bench.seconds.items()))
+    print("quantize (search, g64) all matrices: " + ", ".join(f"{b}-bit {s:.1f} s" for (b, _, _), s in bench.seconds.items()))
     all4 = {c: 4 for c in CLASSES}
     base = bench.evaluate(all4)
     check = bench.compare(all4)
@@ -232,15 +237,12 @@ def run(bench: Bench, budget: float) -> None:
     candidates = {"all 4-bit": (4, 64, {})}
     candidates |= {**{f"RECIPES {k}": v for k, v in RECIPES.items()}, **{f"proposed {k}": v for k, v in PROPOSED.items()}}
     candidates["greedy end"] = (4, 64, {c: b for c, b in path[-1].items() if b != 4})
-    print("| recipe                        | bits/weight | KL text | top-1  | KL held-out | top-1  | overrides")
-    print("|-------------------------------|-------------|---------|--------|-------------|--------|----------")
+    print("| recipe                        | bits/weight | KL text | top-1  | KL held-out | top-1  | (base bits, group, {fragment: bits})")
+    print("|-------------------------------|-------------|---------|--------|-------------|--------|--------------------------------------")
     for name, recipe in candidates.items():
-        if recipe[1] != GROUP_SIZE:
-            print(f"| {name:<29} | (group size {recipe[1]} not measured here)")
-            continue
         a, h = bench.evaluate(recipe), bench.evaluate(recipe, "held-out")
         print(f"| {name:<29} | {bench.bpw(recipe):11.3f} | {a['kl']:7.4f} | {100 * a['top1']:5.1f}% | {h['kl']:11.4f} "
-              f"| {100 * h['top1']:5.1f}% | {recipe[2]}", flush=True)
+              f"| {100 * h['top1']:5.1f}% | {recipe}", flush=True)
     print(f"\n(held-out text: {len(bench.texts['held-out'][0])} tokens; total {time.perf_counter() - t_start:.0f} s)")
 
 
