@@ -101,6 +101,10 @@ def generate(
     from ..loader import load
 
     with user_errors():
+        if image:
+            from ..image import load_image
+
+            image = [load_image(p) for p in image]  # fail fast, before loading the model
         model_obj, tokenizer = load(resolve_model(model), dtype=dtype)
         if tokenizer is None:
             fail("the model has no tokenizer.model")

@@ -3,8 +3,8 @@
 `preprocess_image` turns one image into the (1 + crops, S, S, 3) float32 batch the SigLIP encoder
 takes (channels-last, MLX's convolution layout) and `image_prompt_text` the words that introduce
 the crops. Pixels match transformers' Gemma3ImageProcessor (PIL backend): transparency composited
-onto white, PIL bilinear resize of 8-bit pixels, then x / 127.5 - 1. A 1x1 image is accepted, as
-the reference accepts it. This module does not encode images, tokenize, or place image tokens.
+onto white, PIL bilinear resize of 8-bit pixels, then x / 127.5 - 1. Images under 2 pixels on a side are refused
+(the reference would stretch one pixel over the whole frame). This module does not encode images, tokenize, or place image tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ class ImageError(Gemma3Error):
     """An image that cannot be used: missing, not an image, truncated, empty or too large."""
 
 
+MIN_SIDE = 2
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -35,6 +38,8 @@ def _check_size(im: Image.Image, name: str) -> None:
     w, h = im.size
     if w < 1 or h < 1:
         raise ImageError(f"{name} is empty ({w}x{h} pixels)")
+    if w < MIN_SIDE or h < MIN_SIDE:
+        raise ImageError(f"{name} is too small ({w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE})")
     limit = Image.MAX_IMAGE_PIXELS
     if limit and w * h > limit:
         raise ImageError(

@@ -76,11 +76,16 @@ def test_raw_prompt_with_image(tok):
     assert ids[0] == 2 and runs(ids, 262144) == [16] and len(blocks) == 1
 
 
-@pytest.mark.parametrize("bad", ["missing.png", "not_an_image"])
+@pytest.mark.parametrize("bad", ["missing.png", "not_an_image", "one_pixel.png", "truncated.png"])
 def test_cli_bad_image_is_one_clean_line(bad, tmp_path, gemma3_home):
     path = tmp_path / bad
     if bad == "not_an_image":
         path.write_text("hello")
+    elif bad == "one_pixel.png":
+        path.write_bytes((IMAGES / "tiny.png").read_bytes())
+    elif bad == "truncated.png":
+        data = (IMAGES / "rgb.png").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
     env = {**os.environ, "GEMMA3_MLX_HOME": str(gemma3_home)}
     r = subprocess.run([sys.executable, "-m", "gemma3_mlx.cli.main", "generate", "hi", "--image", str(path)],
                        capture_output=True, text=True, timeout=300, env=env)
