@@ -15,6 +15,7 @@ from .generate import GenerationResponse, generate, generate_tokens, stream_gene
 from .loader import load, load_model, load_tokenizer  # noqa: E402
 from .model import Model  # noqa: E402
 from .models import cache_dir, ensure_default_model, resolve  # noqa: E402
+from .image import ImageError, load_image, preprocess_image  # noqa: E402
 from .prompt_cache import PromptCache, PromptCacheError  # noqa: E402
 from .sample import make_sampler  # noqa: E402
 from .tokenizer import StreamingDetokenizer, Tokenizer  # noqa: E402
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "ConversionError", "Gemma3Error", "GenerationResponse", "Model", "ModelConfig",
-    "ModelFileError", "PromptCache", "PromptCacheError", "StreamingDetokenizer", "TextConfig", "Tokenizer", "cache_dir",
+    "ImageError", "load_image", "preprocess_image", "ModelFileError", "PromptCache", "PromptCacheError", "StreamingDetokenizer", "TextConfig", "Tokenizer", "cache_dir",
     "ensure_default_model", "generate", "generate_tokens", "load", "load_model", "load_tokenizer",
     "make_sampler", "resolve", "stream_generate",
 ]

@@ -41,12 +41,15 @@ class KVCache:
     def _capacity(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
-    def _grow(self, k: mx.array, v: mx.array, needed: int) -> None:
+    def _new_capacity(self, needed: int) -> int:
         cap = self._capacity()
         new = max(needed, cap + max(self.step, cap // 4))
         if self.max_context:
             new = max(needed, min(new, self.max_context))
-        new = -(-new // self.step) * self.step
+        return -(-new // self.step) * self.step
+
+    def _grow(self, k: mx.array, v: mx.array, needed: int) -> None:
+        cap, new = self._capacity(), self._new_capacity(needed)
         B, H, _, D = k.shape
         grow_k = mx.zeros((B, H, new - cap, D), k.dtype)
         grow_v = mx.zeros((B, H, new - cap, v.shape[3]), v.dtype)
@@ -99,16 +102,11 @@ class QuantizedKVCache(KVCache):
         return 0 if self.keys is None else self.keys[0].shape[2]
 
     def _empty(self, B, H, n, D, bits, dtype):
-        el = 32 // bits
         return (mx.zeros((B, H, n, D * bits // 32), mx.uint32), mx.zeros((B, H, n, D // self.group_size), dtype),
                 mx.zeros((B, H, n, D // self.group_size), dtype))
 
     def _grow(self, k, v, needed):
-        cap = self._capacity()
-        new = max(needed, cap + max(self.step, cap // 4))
-        if self.max_context:
-            new = max(needed, min(new, self.max_context))
-        new = -(-new // self.step) * self.step
+        cap, new = self._capacity(), self._new_capacity(needed)
         B, H, _, D = k.shape
         gk = self._empty(B, H, new - cap, D, self.key_bits, k.dtype)
         gv = self._empty(B, H, new - cap, v.shape[3], self.value_bits, v.dtype)
