@@ -128,6 +128,7 @@ def convert(
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Mixed precision: mixed-4-8 or mixed-4-6."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Float storage: float32 or bfloat16 (a GGUF is then dequantized)."),
     rtn: bool = typer.Option(False, "--rtn", help="Plain round-to-nearest instead of the clipping search."),
+    quantize_vision: bool = typer.Option(False, "--quantize-vision", help="Also quantize the vision tower's linear layers to 8 bits."),
     no_check: bool = typer.Option(False, "--no-check", help="Skip the quality check against the source."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
 ):
@@ -141,7 +142,8 @@ def convert(
 
     with user_errors():
         r = run(source, out, dtype=dtype, bits=bits, group_size=group_size, recipe=recipe,
-                method="rtn" if rtn else "search", force=force, check=not no_check, progress=Progress("Converting"))
+                method="rtn" if rtn else "search", force=force, check=not no_check, quantize_vision=quantize_vision,
+                progress=Progress("Converting"))
         for fmt, n in sorted(r.formats.items()):
             typer.echo(f"  {n:4d} x {fmt}")
         typer.echo(f"{r.out}: {r.n_params / 1e6:.1f}M parameters, {r.n_bytes / 1e6:.1f} MB, {r.bits_per_weight:.2f} bits per weight")

@@ -78,6 +78,12 @@ def is_matrix(name: str, shape) -> bool:
     return len(shape) == 2 and name.endswith(("_proj.weight", "embed_tokens.weight"))
 
 
+def is_vision_matrix(name: str, shape) -> bool:
+    """The vision tower's linear layers (attention and MLP); never its patch conv or the projector."""
+    return (name.startswith("vision_tower.") and len(shape) == 2
+            and name.endswith(("_proj.weight", "fc1.weight", "fc2.weight")))
+
+
 def plan(name: str, bits: int | None, group_size: int, recipe: str | None) -> tuple[int, int] | None:
     """(bits, group_size) for a matrix, or None to keep it float."""
     if recipe is not None:
@@ -117,6 +123,7 @@ def convert(
     method: str = "search",
     force: bool = False,
     check: bool = False,
+    quantize_vision: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> ConversionReport:
     """Convert `source` into the MLX model directory `out`. Never modifies `source`."""
@@ -150,6 +157,8 @@ def convert(
                 q = t
             else:
                 spec = plan(name, bits, group_size, recipe) if is_matrix(name, t.shape) else None
+                if quantize_vision and is_vision_matrix(name, t.shape):
+                    spec = (8, 32)  # optional: the tower is small next to the text model
                 if native and is_matrix(name, t.shape) and origin in GGUF_FALLBACK_BITS:
                     spec = (GGUF_FALLBACK_BITS[origin], 32)
                 if spec is None:

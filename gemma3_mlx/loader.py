@@ -118,16 +118,18 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize
         st = SafetensorsFile(file)
         raw.update({k: st.get(k) for k in st.names})
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in sanitize(raw).items()}
-    if dequantize is None:
-        dequantize = mx.default_device() == mx.cpu
-    if config.quantization and dequantize:
-        weights = dequantize_weights(config.quantization, weights, dtype)
-    elif config.quantization:
-        quantize_like(model, config.quantization, weights)
     if config.vision is not None:
         from .vision import sanitize_vision
 
         weights.update(sanitize_vision(raw, dtype=mx.float32))  # the tower runs in float32, like the reference
+    if dequantize is None:
+        dequantize = mx.default_device() == mx.cpu
+    if config.quantization and dequantize:
+        weights = dequantize_weights(config.quantization, weights, dtype)
+        if config.vision is not None:  # an 8-bit vision tower still computes in float32
+            weights.update({k: v.astype(mx.float32) for k, v in weights.items() if k.startswith("vision_tower.")})
+    elif config.quantization:
+        quantize_like(model, config.quantization, weights)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

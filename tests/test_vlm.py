@@ -92,3 +92,23 @@ def test_vision_tower_stays_float_when_text_is_quantized(vlm_dirs):
     out = np.array(model(ids, pixel_values=pixels))
     ref = REF["one_image.logits"]
     assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("dequantize", [True, False])
+def test_vision_tower_quantized_to_8_bits_on_request(tmp_path, dequantize):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = convert(VLM, tmp_path / "qv", bits=8, group_size=32, quantize_vision=True)
+    q = json.loads((r.out / "config.json").read_text())["quantization"]
+    s = q.get("vision_tower.encoder.layers.0.mlp.fc1", q)
+    assert (s["bits"], s["group_size"]) == (8, 32)
+    from gemma3_mlx.convert.safetensors_io import SafetensorsFile, checkpoint_files
+
+    names = {n for f in checkpoint_files(r.out) for n in SafetensorsFile(f).names}
+    assert "vision_tower.encoder.layers.0.self_attn.q_proj.scales" in names
+    assert "vision_tower.embeddings.patch_embedding.scales" not in names
+    model = load_model(r.out, dtype="float32", dequantize=dequantize)
+    ids, pixels = inputs("one_image")
+    feats = np.array(model.encode_images(pixels))
+    ref = REF["features"][PROMPTS["one_image"]["images"]]
+    assert np.abs(feats - ref).max() < 0.05 * np.abs(ref).max()
