@@ -125,7 +125,7 @@ def convert(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (must not exist unless --force)."),
     bits: Optional[int] = typer.Option(None, "--bits", "-q", help="Quantize every matrix to 2, 3, 4, 5, 6 or 8 bits."),
     group_size: int = typer.Option(64, "--group-size", help="Values per quantization group: 32, 64 or 128."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Mixed precision: mixed-4-8 or mixed-4-6."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Mixed precision: small, balanced or quality (see README)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Float storage: float32 or bfloat16 (a GGUF is then dequantized)."),
     rtn: bool = typer.Option(False, "--rtn", help="Plain round-to-nearest instead of the clipping search."),
     quantize_vision: bool = typer.Option(False, "--quantize-vision", help="Also quantize the vision tower's linear layers to 8 bits."),
@@ -136,7 +136,7 @@ def convert(
 
     A GGUF keeps its own block bits unless --bits, --recipe or --dtype is given.
 
-    Example: gemma3 convert google/gemma-3-1b-it -o gemma-3-1b-it-4bit --recipe mixed-4-8
+    Example: gemma3 convert google/gemma-3-1b-it -o gemma-3-1b-it-4bit --recipe balanced
     """
     from ..convert import convert as run
 

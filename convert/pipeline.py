@@ -5,7 +5,7 @@ largest tensor plus one output shard. What each tensor becomes:
 - GGUF, no --bits/--recipe: blocks MLX can express exactly keep their own bits; Q6_K/Q3_K/Q2_K
   are requantized at the nearest MLX bits that lose least; float tensors keep their type.
 - `bits`: every matrix (the tied embedding included) at `bits`, like mlx-lm's default.
-- `recipe`: mixed precision from RECIPES (see quality.py for how the choices were measured).
+- `recipe`: mixed precision from RECIPES (measured in tests/benchmarks/sensitivity.py).
 - otherwise float, in `dtype`.
 """
 
@@ -31,12 +31,15 @@ BITS = (2, 3, 4, 5, 6, 8)
 GGUF_FALLBACK_BITS = {"Q6_K": 8, "Q3_K": 4, "Q2_K": 3}
 GGUF_FLOAT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
-# Mixed-precision recipes: (base bits, group size, {name fragment: bits}). The first fragment
-# found in a tensor's name wins. Chosen from per-tensor sensitivity measured on the 270M
-# (tests/benchmarks/sensitivity.py): the tied embedding/output matrix dominates the loss.
+# Mixed-precision recipes: (base bits, group size, {name fragment: bits}); the first fragment
+# found in a tensor's name wins. Chosen from per-class sensitivity measured on the 270M
+# (tests/benchmarks/sensitivity.py, KL vs float on the built-in text / a held-out text):
+# all 4-bit: 4.51 bpw, KL 0.277. v_proj is the most valuable per byte; the embedding at 4 bits
+# costs 0.071 alone, the decoder matrices together three times that.
 RECIPES = {
-    "mixed-4-8": (4, 64, {"embed_tokens": 8, "v_proj": 8, "down_proj": 8}),
-    "mixed-4-6": (4, 64, {"embed_tokens": 6, "v_proj": 6}),
+    "small": (6, 64, {"embed_tokens": 4, "v_proj": 8, "k_proj": 8}),  # 5.30 bpw, KL 0.082 / 0.093
+    "balanced": (5, 64, {"v_proj": 8}),  # 5.54 bpw, KL 0.045 / 0.053
+    "quality": (6, 64, {"embed_tokens": 5}),  # 5.88 bpw, KL 0.032 / 0.029
 }
 
 
@@ -105,11 +108,13 @@ def validate(bits, group_size, recipe, dtype) -> None:
         raise ConversionError(f"unsupported --dtype {dtype!r} (choose float32 or bfloat16)")
 
 
-def _store_scales(a) -> mx.array:
-    """float16 when that is exact (GGUF Q8_0/Q4_0/Q5_0 scales are), else float32 (K-quant products)."""
+def _store_scales(a, exact: bool) -> mx.array:
+    """float16 where it is exact (GGUF Q8_0/Q4_0/Q5_0 scales are) or, for float sources, where it
+    is finite (its rounding measured no KL change); else float32 (K-quant products, huge ranges)."""
     a = np.asarray(a, dtype=np.float32)
     h = a.astype(np.float16)
-    return mx.array(h if np.array_equal(h.astype(np.float32), a) else a)
+    ok = np.array_equal(h.astype(np.float32), a) if exact else bool(np.isfinite(h).all())
+    return mx.array(h if ok else a)
 
 
 def convert(
@@ -181,8 +186,8 @@ def convert(
                 q = QuantizedTensor(wq, scales, biases, spec[0], spec[1], origin)
             module = name.rsplit(".", 1)[0]
             writer.add(f"{module}.weight", q.weight)
-            writer.add(f"{module}.scales", _store_scales(q.scales) if native else mx.array(q.scales).astype(mx.float16))
-            writer.add(f"{module}.biases", _store_scales(q.biases) if native else mx.array(q.biases).astype(mx.float16))
+            writer.add(f"{module}.scales", _store_scales(q.scales, exact=native))
+            writer.add(f"{module}.biases", _store_scales(q.biases, exact=native))
             settings[module] = {"bits": q.bits, "group_size": q.group_size}
             report.n_params += q.weight.size * 32 // q.bits
             kind = "requantized" if spec and native else ""

@@ -15,7 +15,7 @@ RTN for any group where that is not strictly better, so no group is ever worse t
 It deliberately does not look at activations or calibration data (no AWQ/GPTQ-style
 weighting), choose bits per layer, or handle the mxfp4/mxfp8/nvfp4 modes. It works in float32
 numpy a chunk of rows at a time, so memory stays bounded for any matrix size. Scales and
-biases come back in float32; rounding them to bfloat16 afterwards adds error it did not see.
+biases come back in float32; the converter stores them in float16 (measured: no KL change on the 270M).
 """
 
 from __future__ import annotations
