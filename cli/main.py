@@ -169,6 +169,129 @@ def check(
     with user_errors():
         print_quality(run(model, reference))
 
+CHAT_HELP = """commands: /image PATH  /system TEXT  /retry  /undo  /reset  /save FILE  /load FILE  /stats  /help  /quit
+Ctrl-C stops a reply; Ctrl-D quits."""
+
+
+@app.command()
+def chat(
+    model: Optional[str] = ModelOpt,
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System instructions (folded into the first turn)."),
+    image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="An image for the first message (repeatable)."),
+    pan_and_scan: bool = typer.Option(False, "--pan-and-scan", help="Also show crops of large or non-square images."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Most tokens per reply."),
+    temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature; 0 is greedy."),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0: off)."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1: off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible sampling."),
+):
+    """Chat with a model. Each turn processes only its new tokens.
+
+    Piped input is one message per line, with no prompt decorations:
+    printf 'Hi\\nAnd then?\\n' | gemma3 chat
+    """
+    from ..chat import ChatSession
+    from ..loader import load
+
+    interactive = sys.stdin.isatty()
+    with user_errors():
+        pending = [str(p) for p in image or []]
+        if pending:
+            from ..image import load_image
+
+            [load_image(p) for p in pending]  # fail fast, before loading the model
+        model_obj, tokenizer = load(resolve_model(model))
+        if tokenizer is None:
+            fail("the model has no tokenizer.model")
+        session = ChatSession(model_obj, tokenizer, system=system, pan_and_scan=pan_and_scan,
+                              max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p, seed=seed)
+    if interactive:
+        try:
+            import readline  # noqa: F401  line editing and history for input()
+        except ImportError:
+            pass
+        typer.echo("gemma3 chat: /help for commands, Ctrl-D to quit", err=True)
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            if interactive:
+                typer.echo("", err=True)
+            raise typer.Exit(0)
+        except KeyboardInterrupt:
+            typer.echo("", err=True)
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        replies = None
+        with user_errors_kept():
+            if line.startswith("/"):
+                cmd, _, arg = line.partition(" ")
+                arg = arg.strip()
+                if cmd in ("/quit", "/exit"):
+                    raise typer.Exit(0)
+                elif cmd == "/help":
+                    typer.echo(CHAT_HELP)
+                elif cmd == "/reset":
+                    session.reset()
+                elif cmd == "/undo":
+                    session.undo()
+                elif cmd == "/retry":
+                    replies = session.retry()
+                elif cmd == "/system":
+                    session.system = arg or None
+                elif cmd == "/image":
+                    from ..image import load_image
+
+                    load_image(arg)
+                    pending.append(arg)
+                elif cmd == "/save":
+                    session.save(arg)
+                elif cmd == "/load":
+                    session.load(arg)
+                elif cmd == "/stats":
+                    r = session.last
+                    if r is None:
+                        typer.echo("no reply yet")
+                    else:
+                        typer.echo(f"prompt {r.prompt_tokens} tokens ({r.prefill_tokens} processed, "
+                                   f"{r.prompt_tps:.1f} tok/s), reply {r.generation_tokens} tokens "
+                                   f"({r.generation_tps:.1f} tok/s), KV cache {r.kv_bytes / 1e6:.1f} MB, "
+                                   f"peak memory {r.peak_memory_gb:.2f} GB")
+                else:
+                    typer.echo(f"unknown command {cmd} (/help lists them)", err=True)
+            else:
+                replies = session.send(line, images=pending)
+                pending = []
+            if replies is not None:
+                stream_reply(session, replies)
+
+
+@contextmanager
+def user_errors_kept():
+    """In the chat loop: report a user error in one line and carry on."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except (ValueError, OSError, Gemma3Error) as e:
+        typer.echo(f"error: {' '.join(str(e).split())}", err=True)
+
+
+def stream_reply(session, replies) -> None:
+    try:
+        for r in replies:
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        session.cancel()
+        replies.close()  # the partial reply stays in the conversation
+        typer.echo(" [stopped]", err=True)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
 
 def main():
     app()

@@ -9,6 +9,7 @@ from ._blas import preload_blas
 
 preload_blas()  # must run before mlx.core is imported: see _blas.py
 
+from .chat import ChatSession  # noqa: E402
 from .config import ModelConfig, TextConfig  # noqa: E402
 from .errors import ConfigError, ConversionError, Gemma3Error, ModelFileError  # noqa: E402
 from .generate import GenerationResponse, generate, generate_tokens, stream_generate  # noqa: E402
@@ -23,7 +24,7 @@ from .tokenizer import StreamingDetokenizer, Tokenizer  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "ConversionError", "Gemma3Error", "GenerationResponse", "Model", "ModelConfig",
+    "ChatSession", "ConfigError", "ConversionError", "Gemma3Error", "GenerationResponse", "Model", "ModelConfig",
     "ImageError", "load_image", "preprocess_image", "ModelFileError", "PromptCache", "PromptCacheError", "StreamingDetokenizer", "TextConfig", "Tokenizer", "cache_dir",
     "ensure_default_model", "generate", "generate_tokens", "load", "load_model", "load_tokenizer",
     "make_sampler", "resolve", "stream_generate",

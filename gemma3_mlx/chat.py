@@ -1,0 +1,89 @@
+"""A chat with a model: `ChatSession` keeps the conversation and its prompt cache.
+
+Each turn is rendered with Gemma's chat format and handed to `stream_generate` with the
+session's `PromptCache`, so only the new tokens run; `retry` regenerates the last reply from a
+cache snapshot (nothing re-processed), `undo` drops the last exchange, `cancel` (from any thread)
+stops the reply being streamed. Conversations save to JSON (images by path). No terminal I/O here.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from .generate import GenerationResponse, stream_generate
+from .prompt_cache import PromptCache
+
+
+class ChatSession:
+    def __init__(self, model, tokenizer, system: str | None = None, pan_and_scan: bool = False, **sampling):
+        self.model, self.tokenizer = model, tokenizer
+        self.system = system
+        self.pan_and_scan = pan_and_scan
+        self.sampling = sampling  # max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed
+        self.messages: list[dict] = []  # {"role": "user"|"assistant", "content": str, "images": [paths]}
+        self.cache = PromptCache(model)
+        self.last: GenerationResponse | None = None  # statistics of the last reply
+        self._cancel = threading.Event()
+
+    def send(self, text: str, images=()) -> Iterator[GenerationResponse]:
+        """Add a user message (and images) and stream the reply."""
+        self.messages.append({"role": "user", "content": text, "images": [str(i) for i in images]})
+        return self._reply()
+
+    def retry(self) -> Iterator[GenerationResponse]:
+        """Regenerate the last reply."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+        if not self.messages:
+            raise ValueError("nothing to retry: the conversation is empty")
+        return self._reply()
+
+    def undo(self) -> None:
+        """Forget the last user message and its reply."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+        if self.messages:
+            self.messages.pop()
+
+    def reset(self) -> None:
+        self.messages.clear()
+
+    def cancel(self) -> None:
+        """Stop the reply being streamed (safe from another thread); the session stays usable."""
+        self._cancel.set()
+
+    def _render(self) -> tuple[list[dict], list[str]]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        msgs += [{"role": m["role"], "content": m["content"]} for m in self.messages]
+        images = [i for m in self.messages for i in m.get("images", [])]
+        return msgs, images
+
+    def _reply(self) -> Iterator[GenerationResponse]:
+        self._cancel.clear()
+        msgs, images = self._render()
+        pieces = []
+        try:
+            for r in stream_generate(self.model, self.tokenizer, msgs, cache=self.cache, images=images or None,
+                                     pan_and_scan=self.pan_and_scan, **self.sampling):
+                pieces.append(r.text)
+                self.last = r
+                yield r
+                if self._cancel.is_set():
+                    break
+        finally:  # a cancelled or interrupted reply keeps what was said so far
+            self.messages.append({"role": "assistant", "content": "".join(pieces).strip(), "images": []})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"system": self.system, "messages": self.messages}, indent=2) + "\n")
+
+    def load(self, path: str | Path) -> None:
+        try:
+            d = json.loads(Path(path).read_text())
+            messages = [{"role": m["role"], "content": str(m["content"]), "images": list(m.get("images", []))}
+                        for m in d["messages"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a saved conversation ({e})") from None
+        self.system, self.messages = d.get("system"), messages
