@@ -169,6 +169,110 @@ def check(
     with user_errors():
         print_quality(run(model, reference))
 
+def _describe(path: Path) -> tuple[str, float, str]:
+    """(kind, size in MB, precision) of a model directory."""
+    from ..loader import load_config
+
+    c = load_config(path)
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
+    q = c.quantization
+    if q:
+        bits = sorted({int(v["bits"]) for v in q.values() if isinstance(v, dict)} | {int(q["bits"])})
+        precision = "/".join(map(str, bits)) + "-bit"
+    else:
+        precision = "float"
+    kind = f"{c.text.num_hidden_layers} layers, hidden {c.text.hidden_size}" + (", vision" if c.vision else "")
+    return kind, size, precision
+
+
+@app.command()
+def models():
+    """List the converted models in the cache, with size and precision.
+
+    Example: gemma3 models
+    """
+    from ..models import models_dir
+
+    with user_errors():
+        root = models_dir()
+        found = sorted(p for p in root.glob("*") if (p / "config.json").exists()) if root.exists() else []
+        if not found:
+            typer.echo(f"no converted models in {root} yet (the default model is converted on first use)")
+        for p in found:
+            kind, size, precision = _describe(p)
+            typer.echo(f"{p.name:40s} {size:9.1f} MB  {precision:10s} {kind}")
+
+
+@app.command()
+def info(model: Optional[str] = typer.Argument(None, help="Model directory or .gguf file (default: Gemma 3 270M).")):
+    """Show a model's configuration, layer kinds, quantization, size and KV-cache memory.
+
+    Example: gemma3 info gemma-3-1b-it-q5
+    """
+    from ..cache import kv_bytes
+    from ..loader import load_config
+
+    with user_errors():
+        path = resolve_model(model)
+        c = load_config(path)
+        t = c.text
+        kind, size, precision = _describe(path)
+        pattern = "".join("L" if local else "G" for local in t.is_local)
+        typer.echo(f"path            {path}")
+        typer.echo(f"type            {c.model_type} ({'text and images' if c.vision else 'text'})")
+        typer.echo(f"layers          {t.num_hidden_layers}: {pattern} (L local window {t.sliding_window}, G global)")
+        typer.echo(f"hidden / heads  {t.hidden_size} / {t.num_attention_heads} q, {t.num_key_value_heads} kv, head_dim {t.head_dim}")
+        typer.echo(f"vocabulary      {t.vocab_size}")
+        typer.echo(f"weights         {size:.1f} MB, {precision}")
+        for ctx in sorted({8192, 32768, t.max_position_embeddings}):
+            typer.echo(f"KV at {ctx // 1024:>3d}K     {kv_bytes(c, ctx) / 2**30:.2f} GiB 16-bit "
+                       f"({kv_bytes(c, ctx, full=True) / 2**30:.2f} GiB if every layer kept the full context)")
+
+
+@app.command()
+def bench(
+    model: Optional[str] = ModelOpt,
+    prompt_tokens: int = typer.Option(512, "--prompt-tokens", min=1, help="Prompt length."),
+    gen_tokens: int = typer.Option(32, "--gen-tokens", min=2, help="Tokens to generate."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Runs (min and median are shown)."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the global KV cache to 4 or 8 bits."),
+):
+    """Measure prefill and decode speed, time to first token, peak memory and KV bytes.
+
+    Example: gemma3 bench --prompt-tokens 1024 --gen-tokens 64
+    """
+    import statistics
+    import time
+
+    import mlx.core as mx
+
+    from ..convert.quality import TEXT
+    from ..generate import generate_tokens
+    from ..loader import load
+    from ..prompt_cache import PromptCache
+
+    with user_errors():
+        model_obj, tokenizer = load(resolve_model(model))
+        base = tokenizer.encode(TEXT, add_bos=False) if tokenizer else list(range(10, 400))
+        ids = [2] + (base * (prompt_tokens // len(base) + 1))[: prompt_tokens - 1]
+        rows = []
+        for _ in range(repeats):
+            mx.reset_peak_memory()
+            pc = PromptCache(model_obj, kv_bits=kv_bits)
+            stats = {}
+            t0 = time.perf_counter()
+            n = sum(1 for _ in generate_tokens(model_obj, ids, cache=pc, max_tokens=gen_tokens, stop_ids=(), stats=stats))
+            end = time.perf_counter()
+            rows.append((len(ids) / stats["prompt_time"], (n - 1) / (end - stats["decode_start"]),
+                         stats["prompt_time"], mx.get_peak_memory() / 1e9, pc.nbytes))
+        typer.echo(f"{len(ids)} prompt tokens, {gen_tokens} generated, {repeats} runs (min / median)")
+        for i, (label, fmt) in enumerate([("prefill tok/s", "{:.1f}"), ("decode tok/s", "{:.2f}"),
+                                          ("first token s", "{:.3f}"), ("peak memory GB", "{:.2f}")]):
+            col = [r[i] for r in rows]
+            typer.echo(f"{label:16s} {fmt.format(min(col))} / {fmt.format(statistics.median(col))}")
+        typer.echo(f"{'KV cache MB':16s} {rows[-1][4] / 1e6:.1f}")
+
+
 CHAT_HELP = """commands: /image PATH  /system TEXT  /retry  /undo  /reset  /save FILE  /load FILE  /stats  /help  /quit
 Ctrl-C stops a reply; Ctrl-D quits."""
 
@@ -185,10 +289,9 @@ def chat(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1: off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible sampling."),
 ):
-    """Chat with a model. Each turn processes only its new tokens.
+    """Chat with a model. Each turn processes only its new tokens; piped input is one message per line.
 
-    Piped input is one message per line, with no prompt decorations:
-    printf 'Hi\\nAnd then?\\n' | gemma3 chat
+    Example: gemma3 chat -m gemma-3-1b-it-q5 --system "Answer briefly."
     """
     from ..chat import ChatSession
     from ..loader import load

@@ -169,3 +169,21 @@ def test_convert_cli_reports_size(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "bits per weight" in r.stdout and "32.00" in r.stdout
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_models_info_and_bench(gemma3_home):
+    r = run(["models"], home=gemma3_home)
+    assert r.returncode == 0 and "gemma-3-270m" in r.stdout and "-bit" in r.stdout
+    r = run(["info"], home=gemma3_home)
+    assert r.returncode == 0, r.stderr
+    assert "LLLLLGLLLLLGLLLLLG" in r.stdout and "window 512" in r.stdout and r.stdout.count("KV at") == 2
+    r = run(["bench", "--prompt-tokens", "40", "--gen-tokens", "3", "--repeats", "2"], home=gemma3_home)
+    assert r.returncode == 0, r.stderr
+    for label in ("prefill tok/s", "decode tok/s", "first token s", "peak memory GB", "KV cache MB"):
+        assert label in r.stdout
+
+
+@pytest.mark.parametrize("command", ["generate", "convert", "chat", "check", "bench", "models", "info"])
+def test_every_command_has_help_with_an_example(command):
+    r = run([command, "--help"])
+    assert r.returncode == 0 and "Example" in r.stdout
