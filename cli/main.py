@@ -77,8 +77,10 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Model directory or .gguf fi
 
 @app.command()
 def generate(
-    prompt: str = typer.Argument(..., help="The prompt."),
+    prompt: str = typer.Argument(..., help="The prompt; - reads it from standard input."),
     model: Optional[str] = ModelOpt,
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System instructions (chat format only)."),
+    stats: bool = typer.Option(False, "--stats", help="Print speed, peak memory and KV bytes to stderr."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
     temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature; 0 is greedy."),
     top_k: int = typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0: off)."),
@@ -108,7 +110,9 @@ def generate(
         model_obj, tokenizer = load(resolve_model(model), dtype=dtype)
         if tokenizer is None:
             fail("the model has no tokenizer.model")
-        text = prompt if raw else [{"role": "user", "content": prompt}]
+        if prompt == "-":
+            prompt = sys.stdin.read()
+        text = prompt if raw else ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         for r in stream_generate(
             model_obj, tokenizer, text, max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p,
             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, images=image or None,
@@ -117,6 +121,10 @@ def generate(
             sys.stdout.write(r.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        if stats:
+            typer.echo(f"prompt {r.prompt_tokens} tokens at {r.prompt_tps:.1f} tok/s, generated {r.generation_tokens} "
+                       f"at {r.generation_tps:.2f} tok/s, peak memory {r.peak_memory_gb:.2f} GB, "
+                       f"KV cache {r.kv_bytes / 1e6:.1f} MB, finish: {r.finish_reason}", err=True)
 
 
 @app.command()
@@ -369,6 +377,10 @@ def chat(
                 pending = []
             if replies is not None:
                 stream_reply(session, replies)
+                r, limit = session.last, model_obj.config.text.max_position_embeddings
+                if r is not None and r.prompt_tokens + r.generation_tokens > 0.9 * limit:
+                    typer.echo(f"warning: the conversation uses {r.prompt_tokens + r.generation_tokens} of "
+                               f"{limit} context tokens; /reset or /undo to make room", err=True)
 
 
 @contextmanager

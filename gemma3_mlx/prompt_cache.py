@@ -150,6 +150,9 @@ class PromptCache:
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("the prompt is empty")
+        limit = self.model.config.text.max_position_embeddings
+        if len(ids) >= limit:
+            raise ValueError(f"the prompt has {len(ids)} tokens: more than the model's context of {limit}")
         spans = _image_spans(ids, self.model.config.image_token_index) if self.model.config.vision else []
         images = list(images or [])
         if len(images) != len(spans):

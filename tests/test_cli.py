@@ -187,3 +187,25 @@ def test_models_info_and_bench(gemma3_home):
 def test_every_command_has_help_with_an_example(command):
     r = run([command, "--help"])
     assert r.returncode == 0 and "Example" in r.stdout
+
+
+def test_generate_reads_stdin_and_prints_stats(gemma3_home):
+    r = run(["generate", "-", "--raw", "-n", "4", "--stats"], home=gemma3_home, input="The capital of France is")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(" the capital") and "tok/s" in r.stderr and "KV cache" in r.stderr
+
+
+def test_prompt_longer_than_the_context_is_one_line(tiny_dirs, tmp_path):
+    import json
+
+    d = tmp_path / "short"
+    shutil.copytree(tiny_dirs["tiny_v5"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["max_position_embeddings"] = 16
+    (d / "config.json").write_text(json.dumps(cfg))
+    import gemma3_mlx
+    from gemma3_mlx.prompt_cache import PromptCache
+
+    model = gemma3_mlx.load_model(d, "float32")
+    with pytest.raises(ValueError, match="context of 16"):
+        PromptCache(model).prefill(list(range(2, 40)))
