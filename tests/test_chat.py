@@ -71,3 +71,64 @@ def test_chat_bad_model_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gemma3_mlx.cli.main", "chat", "-m", str(tmp_path / "nope")],
                        input="", capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_terminal_chat_session(gemma3_home, tmp_path):
+    """Through a pseudo-terminal: two turns, /stats, /retry, /undo, /save, /load, Ctrl-C mid-reply, Ctrl-D."""
+    import pty
+    import select
+    import signal
+    import time
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "GEMMA3_MLX_HOME": str(gemma3_home), "TERM": "dumb"}
+    proc = subprocess.Popen([sys.executable, "-m", "gemma3_mlx.cli.main", "chat", "-n", "6"],
+                            stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    seen = []
+
+    def expect(marker, timeout=240):
+        buf, end = "", time.time() + timeout
+        while time.time() < end:
+            r, _, _ = select.select([master], [], [], 0.5)
+            if r:
+                try:
+                    buf += os.read(master, 4096).decode(errors="replace")
+                except OSError:
+                    break
+                if marker in buf:
+                    seen.append(buf)
+                    return buf
+        raise AssertionError(f"no {marker!r} in {buf!r}")
+
+    def say(line, marker=">>> "):
+        os.write(master, (line + "\n").encode())
+        return expect(marker)
+
+    try:
+        expect(">>> ")
+        say("Hi")
+        say("And?")
+        stats = say("/stats")
+        line = next(x for x in stats.splitlines() if x.startswith("prompt "))
+        assert int(line.split("(")[1].split()[0]) < int(line.split()[1])  # second turn: only new tokens
+        say("/retry")
+        assert "(0 processed" in say("/stats")  # the retried reply re-used the whole prompt
+        say("/undo")
+        say(f"/save {tmp_path / 'c.json'}")
+        say(f"/load {tmp_path / 'c.json'}")
+        assert (tmp_path / "c.json").exists()
+        os.write(master, b"/bogus\n")
+        assert "unknown command" in expect(">>> ")
+        os.write(master, b"Tell me a very long story about the sea.\n")
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C during the reply: back to the prompt
+        expect(">>> ")
+        say("Still there?")
+        os.write(master, b"\x04")  # Ctrl-D quits
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert "Traceback" not in "".join(seen)
