@@ -29,3 +29,20 @@ def test_kv_memory_example_prints_the_readme_table():
     rows = [line for line in r.stdout.splitlines() if line.startswith("| 4B") or line.startswith("| 27B")]
     assert len(rows) == 6 and all(row in readme for row in rows)  # the README shows exactly these numbers
     assert "| 27B | 128K | 62.00 GiB | 10.41 GiB |" in r.stdout
+
+
+def test_chat_example_reuses_the_first_turn(gemma3_home):
+    env = {**os.environ, "GEMMA3_MLX_HOME": str(gemma3_home)}
+    r = subprocess.run([sys.executable, str(EXAMPLES / "chat.py")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    stats = [line for line in r.stdout.splitlines() if line.startswith("[")]
+    assert len(stats) == 2
+    total2, processed2 = (int(w) for w in stats[1].strip("[]").split()[0:5:3])
+    assert processed2 < total2
+
+
+def test_convert_example(tmp_path):
+    r = subprocess.run([sys.executable, str(EXAMPLES / "convert_and_check.py"), str(FIXTURES / "tiny_v5"),
+                        str(tmp_path / "q4"), "32"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "bits per weight" in r.stdout and "KL" in r.stdout and (tmp_path / "q4" / "config.json").exists()
