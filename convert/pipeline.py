@@ -154,44 +154,31 @@ def convert(
     with atomic_directory(out, force=force) as tmp:
         writer = ShardWriter(tmp)
         for i, (name, t) in enumerate(src.tensors(native=native)):
-            origin = t.origin if isinstance(t, (QuantizedTensor, FloatTensor)) else "float"
-            if isinstance(t, FloatTensor):
-                t = t.value
-            spec = None
             if isinstance(t, QuantizedTensor):
-                q = t
+                q, requantized = t, False
             else:
-                spec = plan(name, bits, group_size, recipe) if is_matrix(name, t.shape) else None
-                if quantize_vision and is_vision_matrix(name, t.shape):
-                    spec = (8, 32)  # optional: the tower is small next to the text model
-                if native and is_matrix(name, t.shape) and origin in GGUF_FALLBACK_BITS:
-                    spec = (GGUF_FALLBACK_BITS[origin], 32)
+                origin, t = (t.origin, t.value) if isinstance(t, FloatTensor) else ("float", t)
+                spec = _spec(name, t.shape, origin, bits, group_size, recipe, native, quantize_vision)
                 if spec is None:
-                    target = dtype or (GGUF_FLOAT.get(origin, "float32") if is_gguf else _source_dtype(t))
-                    if not is_matrix(name, t.shape) and is_gguf:
-                        target = dtype or "float32"  # norms: tiny, keep full precision
+                    target = dtype or _float_target(name, t, origin, is_gguf)
                     w = mx.array(t).astype(DTYPES[target])
                     writer.add(name, w)
                     report.n_params += w.size
                     report.formats[f"{origin} -> {target}"] += 1
                     _tick(progress, i, total)
                     continue
-                if recipe is not None and t.shape[-1] % spec[1]:
-                    # Recipes name a group size for real models; odd sizes take the largest that fits.
-                    spec = (spec[0], next((g for g in reversed(GROUP_SIZES) if t.shape[-1] % g == 0), spec[1]))
                 try:
                     wq, scales, biases = quantize(t, spec[0], spec[1], method=method)
                 except ValueError as e:
                     raise ConversionError(f"{name}: {e}") from None
-                q = QuantizedTensor(wq, scales, biases, spec[0], spec[1], origin)
+                q, requantized = QuantizedTensor(wq, scales, biases, spec[0], spec[1], origin), native
             module = name.rsplit(".", 1)[0]
             writer.add(f"{module}.weight", q.weight)
             writer.add(f"{module}.scales", _store_scales(q.scales, exact=native))
             writer.add(f"{module}.biases", _store_scales(q.biases, exact=native))
             settings[module] = {"bits": q.bits, "group_size": q.group_size}
             report.n_params += q.weight.size * 32 // q.bits
-            kind = "requantized" if spec and native else ""
-            report.formats[f"{q.origin} -> {q.bits}-bit g{q.group_size} {kind}".strip()] += 1
+            report.formats[f"{q.origin} -> {q.bits}-bit g{q.group_size}" + (" requantized" if requantized else "")] += 1
             _tick(progress, i, total)
         writer.close()
         report.n_bytes = writer.total_bytes
@@ -212,8 +199,25 @@ def _tick(progress, i, total):
         progress(i + 1, total)
 
 
-def _source_dtype(t) -> str:
-    """Float tensors of a Hugging Face checkpoint keep their own type."""
+def _spec(name, shape, origin, bits, group_size, recipe, native, quantize_vision) -> tuple[int, int] | None:
+    """(bits, group_size) a float tensor is quantized at, or None to keep it float."""
+    if quantize_vision and is_vision_matrix(name, shape):
+        return 8, 32  # optional: the tower is small next to the text model
+    if not is_matrix(name, shape):
+        return None
+    if native:  # a GGUF at its own bits: only blocks MLX cannot express come here as floats
+        return (GGUF_FALLBACK_BITS[origin], 32) if origin in GGUF_FALLBACK_BITS else None
+    spec = plan(name, bits, group_size, recipe)
+    if spec and recipe is not None and shape[-1] % spec[1]:
+        # Recipes name a group size for real models; odd sizes take the largest that fits.
+        spec = (spec[0], next((g for g in reversed(GROUP_SIZES) if shape[-1] % g == 0), spec[1]))
+    return spec
+
+
+def _float_target(name, t, origin, is_gguf) -> str:
+    """Storage type of a tensor kept float: a GGUF's own type (norms float32), else the source's."""
+    if is_gguf:
+        return GGUF_FLOAT.get(origin, "float32") if is_matrix(name, t.shape) else "float32"
     return {mx.float32: "float32", mx.float16: "float16"}.get(t.dtype, "bfloat16")
 
 

@@ -22,6 +22,16 @@ def _mask(q_pos: mx.array, k_pos: mx.array, window: int | None) -> mx.array:
     return mask
 
 
+def _restore(self, state: dict, offset: int) -> None:
+    """Shared by the float caches: put back what `state` returned."""
+    self.keys, self.values = state.get("keys"), state.get("values")
+    self.offset = offset
+
+
+def _nbytes(self) -> int:
+    return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
 class KVCache:
     """Full-context cache for global layers. Capacity grows by max(step, 1/4 of itself): amortized
     linear copying, and at most a quarter (or one step) beyond what is held."""
@@ -79,13 +89,8 @@ class KVCache:
             return {}
         return {"keys": self.keys[..., : self.offset, :], "values": self.values[..., : self.offset, :]}
 
-    def restore(self, state: dict, offset: int) -> None:
-        self.keys, self.values = state.get("keys"), state.get("values")
-        self.offset = offset
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+    restore = _restore
+    nbytes = property(_nbytes)
 
 
 class QuantizedKVCache(KVCache):
@@ -213,13 +218,8 @@ class WindowCache:
     def state(self) -> dict:
         return {} if self.keys is None else {"keys": self.keys, "values": self.values}
 
-    def restore(self, state: dict, offset: int) -> None:
-        self.keys, self.values = state.get("keys"), state.get("values")
-        self.offset = offset
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+    restore = _restore
+    nbytes = property(_nbytes)
 
 
 def kv_bytes(config, context: int, *, bytes_per_value: float = 2, kv_bits: int | None = None,

@@ -33,18 +33,6 @@ class GenerationResponse:
     finish_reason: str | None = None  # "stop" (eos / end_of_turn), "length", or None while running
 
 
-def prefill(model, ids: Sequence[int], cache: list, chunk: int = 512) -> mx.array:
-    """Run the prompt through the model in chunks; return the last position's logits (1, V)."""
-    if len(ids) == 0:
-        raise ValueError("the prompt is empty")
-    x = mx.array(list(ids))[None]
-    for start in range(0, len(ids) - chunk, chunk):
-        model(x[:, start : start + chunk], cache, logits="none")
-        mx.eval([c.state for c in cache])  # bound the lazy graph: one chunk at a time
-    start = ((len(ids) - 1) // chunk) * chunk
-    return model(x[:, start:], cache, logits="last")[:, -1, :]
-
-
 def generate_tokens(
     model,
     prompt_ids: Sequence[int],

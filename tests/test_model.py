@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from gemma3_mlx.cache import KVCache, WindowCache
-from gemma3_mlx.generate import prefill
+from gemma3_mlx.prompt_cache import PromptCache
 from gemma3_mlx.loader import load_model
 
 from conftest import FIXTURES
@@ -50,9 +50,8 @@ def test_chunked_prefill_matches_full_forward_at_every_chunk_size(tiny_dirs, nam
         cache = model.make_cache()
         parts = [np.array(model(ids[:, s : s + chunk], cache)) for s in range(0, ids.shape[1], chunk)]
         assert np.abs(np.concatenate(parts, axis=1) - full).max() <= 1e-5, chunk
-        # prefill() computes the head for the last position only, and must agree.
-        cache = model.make_cache()
-        last = np.array(prefill(model, np.array(ids[0]).tolist(), cache, chunk))
+        # PromptCache.prefill computes the head for the last position only, and must agree.
+        last = np.array(PromptCache(model).prefill(np.array(ids[0]).tolist(), chunk))
         assert np.abs(last - full[0, -1]).max() <= 1e-5, chunk
 
 
