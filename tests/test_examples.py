@@ -46,3 +46,23 @@ def test_convert_example(tmp_path):
                         str(tmp_path / "q4"), "32"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "bits per weight" in r.stdout and "KL" in r.stdout and (tmp_path / "q4" / "config.json").exists()
+
+
+def test_describe_image_example(seeing_270m_dir, tmp_path):
+    from gemma3_mlx import preprocess_image
+
+    wide = FIXTURES / "images" / "wide.png"
+    crops = preprocess_image(wide, 56, pan_and_scan=True)[1]
+    assert crops > 0
+    tokens = {}
+    for extra in ([], ["--pan-and-scan"]):
+        r = subprocess.run([sys.executable, str(EXAMPLES / "describe_image.py"), str(seeing_270m_dir), str(wide), *extra],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        text, stats = r.stdout.rsplit("\n[", 1)
+        assert text.strip() and "generated" in stats
+        tokens[bool(extra)] = int(stats.split()[0])
+    assert tokens[True] - tokens[False] > 16 * crops  # each crop adds a 16-token image block and its wording
+    r = subprocess.run([sys.executable, str(EXAMPLES / "describe_image.py"), str(seeing_270m_dir), str(tmp_path / "no.jpg")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1
