@@ -77,22 +77,20 @@ def tiny_dirs(tmp_path_factory) -> dict:
     return out
 
 
-@pytest.fixture(scope="session")
-def seeing_270m_dir(default_model_dir, tmp_path_factory) -> Path:
-    """The default model given eyes: its real text weights and tokenizer, plus the tiny fixture's
-    SigLIP tower with a random projector into the 270M's width and Gemma 3's real image token ids.
+def give_eyes(text_dir: Path, out: Path) -> Path:
+    """A Gemma 3 vision model made of a 270M directory's real text weights and tokenizer, plus the tiny
+    fixture's SigLIP tower with a random projector into the 270M's width and Gemma 3's real image ids.
     It describes pictures badly, but it drives every image path of the CLI, the chat and the API."""
     import json
 
     import mlx.core as mx
     import numpy as np
 
-    out = tmp_path_factory.mktemp("seeing") / "gemma-3-270m-seeing"
-    out.mkdir()
-    for f in default_model_dir.iterdir():
+    out.mkdir(parents=True)
+    for f in text_dir.iterdir():
         if f.name != "config.json":
             (out / f.name).symlink_to(f)
-    text = json.loads((default_model_dir / "config.json").read_text())
+    text = json.loads((text_dir / "config.json").read_text())
     quantization = text.pop("quantization", None)
     vlm = json.loads((FIXTURES / "tiny_vlm" / "config.json").read_text())
     config = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "text_config": text,
@@ -109,3 +107,9 @@ def seeing_270m_dir(default_model_dir, tmp_path_factory) -> Path:
         rng.normal(0, 0.02, (width, text["hidden_size"])).astype(np.float32))
     mx.save_safetensors(str(out / "model-vision.safetensors"), vision)
     return out
+
+
+@pytest.fixture(scope="session")
+def seeing_270m_dir(default_model_dir, tmp_path_factory) -> Path:
+    """The default model with eyes (see `give_eyes`)."""
+    return give_eyes(default_model_dir, tmp_path_factory.mktemp("seeing") / "gemma-3-270m-seeing")

@@ -125,3 +125,20 @@ def test_pack_matches_mlx_quantize(bits):
     assert np.all(np.array(scales) == -1) and np.all(np.array(biases) == top)
     assert np.array_equal(np.array(w), pack(top - q, bits))
     assert np.array_equal(unpack(pack(q, bits), bits), q)
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6])
+def test_fast_odd_bits_dequantize_equals_mlx(bits):
+    """The loader's CPU dequantization of 3/5/6-bit matrices equals mx.dequantize (float16 scales, as stored)."""
+    import mlx.core as mx
+
+    from gemma3_mlx.loader import _dequantize_odd_bits
+
+    w = mx.random.normal((300, 256), key=mx.random.key(bits))
+    q, s, b = mx.quantize(w, group_size=64, bits=bits)
+    s, b = s.astype(mx.float16), b.astype(mx.float16)
+    ref = mx.dequantize(q, s, b, group_size=64, bits=bits).astype(mx.float32)
+    got = _dequantize_odd_bits(q, s, b, 64, bits, mx.float32, rows=128)  # several row blocks, one partial
+    assert got.shape == ref.shape and got.dtype == mx.float32
+    assert mx.abs(got - ref).max().item() <= 2e-3 * mx.abs(ref).max().item()  # float16 rounding of the reference
+    assert mx.abs(got - w).max().item() < mx.abs(w).max().item() / 2 ** (bits - 2)  # and it is the matrix
