@@ -287,12 +287,14 @@ def bench(
     prompt_tokens: int = typer.Option(512, "--prompt-tokens", min=1, help="Prompt length."),
     gen_tokens: int = typer.Option(32, "--gen-tokens", min=2, help="Tokens to generate."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Runs (min and median are shown)."),
+    context: int = typer.Option(0, "--context", min=0, help="Tokens already in the cache before the prompt "
+                                                             "(speed at that depth; not timed)."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the global KV cache to 4 or 8 bits."),
     quiet: bool = QuietOpt,
 ):
     """Measure prefill and decode speed, time to first token, peak memory and KV bytes.
 
-    Example: gemma3 bench --prompt-tokens 1024 --gen-tokens 64
+    Example: gemma3 bench --prompt-tokens 1024 --gen-tokens 64 --context 8192
     """
     import statistics
     import time
@@ -307,19 +309,26 @@ def bench(
     set_quiet(quiet)
     with user_errors():
         model_obj, tokenizer = load(resolve_model(model))
+        limit = model_obj.config.text.max_position_embeddings
+        if context + prompt_tokens + gen_tokens > limit:
+            fail(f"--context + --prompt-tokens + --gen-tokens is {context + prompt_tokens + gen_tokens}, "
+                 f"more than the model's context of {limit}")
         base = tokenizer.encode(TEXT, add_bos=False) if tokenizer else list(range(10, 400))
-        ids = [2] + (base * (prompt_tokens // len(base) + 1))[: prompt_tokens - 1]
+        n_ids = context + prompt_tokens
+        ids = [2] + (base * (n_ids // len(base) + 1))[: n_ids - 1]
         rows = []
         for _ in range(repeats):
-            mx.reset_peak_memory()
             pc = PromptCache(model_obj, kv_bits=kv_bits)
+            if context:
+                pc.prefill(ids[:context])  # the conversation so far: not timed
+            mx.reset_peak_memory()
             stats = {}
-            t0 = time.perf_counter()
             n = sum(1 for _ in generate_tokens(model_obj, ids, cache=pc, max_tokens=gen_tokens, stop_ids=(), stats=stats))
             end = time.perf_counter()
-            rows.append((len(ids) / stats["prompt_time"], (n - 1) / (end - stats["decode_start"]),
+            rows.append((stats["prefill_tokens"] / stats["prompt_time"], (n - 1) / (end - stats["decode_start"]),
                          stats["prompt_time"], mx.get_peak_memory() / 1e9, pc.nbytes))
-        typer.echo(f"{len(ids)} prompt tokens, {gen_tokens} generated, {repeats} runs (min / median)")
+        depth = f" after {context} tokens of context" if context else ""
+        typer.echo(f"{prompt_tokens} prompt tokens{depth}, {gen_tokens} generated, {repeats} runs (min / median)")
         for i, (label, fmt) in enumerate([("prefill tok/s", "{:.1f}"), ("decode tok/s", "{:.2f}"),
                                           ("first token s", "{:.3f}"), ("peak memory GB", "{:.2f}")]):
             col = [r[i] for r in rows]

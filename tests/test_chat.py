@@ -82,12 +82,13 @@ def test_chat_bad_model_is_one_line(tmp_path):
 class Terminal:
     """`gemma3 chat` in a pseudo-terminal, read up to a marker (ANSI colours stripped, raw output kept)."""
 
-    def __init__(self, args, home):
+    def __init__(self, args, home, **env_extra):
         import pty
 
         master, slave = pty.openpty()
         env = {**os.environ, "GEMMA3_MLX_HOME": str(home), "TERM": "xterm"}
         env.pop("NO_COLOR", None)
+        env.update(env_extra)
         self.proc = subprocess.Popen([sys.executable, "-m", "gemma3_mlx.cli.main", "chat", *args],
                                      stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
         os.close(slave)
@@ -155,13 +156,14 @@ def test_terminal_chat_session(gemma3_home, tmp_path):
     finally:
         t.close()
     assert "Traceback" not in t.raw
-    assert "\x1b[" in t.raw  # a terminal gets colours (the prompt, errors, statistics)
+    # A terminal gets colours: the prompt, statistics, errors.
+    assert "\x1b[1;32m\x02>>> " in t.raw and "\x1b[2mprompt " in t.raw and "\x1b[31m\x1b[1merror: " in t.raw
 
 
 def test_terminal_ctrl_c_stops_the_reply_and_keeps_the_session(gemma3_home):
     import signal
 
-    t = Terminal(["-n", "300"], gemma3_home)
+    t = Terminal(["-n", "300"], gemma3_home, NO_COLOR="1")
     try:
         t.expect(">>> ")
         os.write(t.master, b"Count from 1 to 100, one number per line.\n")
@@ -184,6 +186,7 @@ def test_terminal_ctrl_c_stops_the_reply_and_keeps_the_session(gemma3_home):
     finally:
         t.close()
     assert "Traceback" not in t.raw
+    assert "\x1b[1;32m" not in t.raw and "\x1b[2m" not in t.raw  # NO_COLOR is respected
 
 
 def test_images_stay_in_their_turn_and_are_reused(seeing_270m_dir):

@@ -181,6 +181,21 @@ def test_models_info_and_bench(gemma3_home):
     assert r.returncode == 0, r.stderr
     for label in ("prefill tok/s", "decode tok/s", "first token s", "peak memory GB", "KV cache MB"):
         assert label in r.stdout
+    kv = float(r.stdout.split("KV cache MB")[1].split()[0])
+    deep = run(["bench", "--prompt-tokens", "40", "--gen-tokens", "3", "--repeats", "1", "--context", "600"],
+               home=gemma3_home)
+    assert deep.returncode == 0, deep.stderr
+    assert "after 600 tokens of context" in deep.stdout and float(deep.stdout.split("KV cache MB")[1].split()[0]) > kv
+    assert_clean_failure(run(["bench", "--context", "40000"], home=gemma3_home))
+
+
+def test_quiet_prints_only_the_output(tmp_path):
+    r = run(["convert", str(FIXTURES / "tiny_v5"), "-o", str(tmp_path / "q"), "--bits", "8", "--group-size", "32",
+             "--quiet"])
+    assert r.returncode == 0 and r.stderr == ""  # no progress bar, no "no tokenizer" warning
+    assert r.stdout.splitlines()[0].endswith("bits per weight") and " x " not in r.stdout
+    loud = run(["convert", str(FIXTURES / "tiny_v5"), "-o", str(tmp_path / "l"), "--bits", "8", "--group-size", "32"])
+    assert loud.returncode == 0 and "warning: " in loud.stderr and "\x1b[" not in loud.stderr  # no colours in a pipe
 
 
 @pytest.mark.parametrize("command", ["generate", "convert", "chat", "check", "bench", "models", "info"])
