@@ -108,7 +108,8 @@ class Terminal:
                 out, self.pos = clean[self.pos:found + len(marker)], found + len(marker)
                 return out
             if time.time() > end:
-                raise AssertionError(f"no {marker!r} in {clean[self.pos:]!r}")
+                raise AssertionError(f"no {marker!r} in {clean[self.pos:]!r} (exit code {self.proc.poll()}, "
+                                     f"output so far ...{self.raw[-600:]!r})")
             if select.select([self.master], [], [], 0.5)[0]:
                 try:
                     self.raw += os.read(self.master, 4096).decode(errors="replace")
@@ -157,7 +158,7 @@ def test_terminal_chat_session(gemma3_home, tmp_path):
         t.close()
     assert "Traceback" not in t.raw
     # A terminal gets colours: the prompt, statistics, errors.
-    assert "\x1b[1;32m\x02>>> " in t.raw and "\x1b[2mprompt " in t.raw and "\x1b[31m\x1b[1merror: " in t.raw
+    assert "\x1b[1;32m>>> " in t.raw and "\x1b[2mprompt " in t.raw and "\x1b[31m\x1b[1merror: " in t.raw
 
 
 def test_terminal_ctrl_c_stops_the_reply_and_keeps_the_session(gemma3_home):
