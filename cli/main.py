@@ -377,8 +377,9 @@ def chat(
     if interactive:
         prompt = ">>> "
         try:
-            import readline  # noqa: F401  line editing and history for input()
+            import readline  # line editing and history for input()
 
+            _keep_history(readline)
             if UI.color is not False and sys.stdout.isatty():  # \001..\002: zero-width for readline
                 prompt = "\001\x1b[1;32m\002>>> \001\x1b[0m\002"
         except ImportError:
@@ -443,6 +444,29 @@ def chat(
                 if r is not None and r.prompt_tokens + r.generation_tokens > 0.9 * limit:
                     _warn(f"the conversation uses {r.prompt_tokens + r.generation_tokens} of "
                           f"{limit} context tokens; /reset or /undo to make room")
+
+
+def _keep_history(readline) -> None:
+    """Up-arrow history across chats, in the cache directory (best effort: a read-only home is fine)."""
+    import atexit
+
+    from ..models import cache_dir
+
+    path = cache_dir() / "chat_history"
+    readline.set_history_length(1000)
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+
+    def save():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+        except OSError:
+            pass
+
+    atexit.register(save)
 
 
 @contextmanager

@@ -20,6 +20,10 @@ biases come back in float32; the converter stores them in float16 (measured: no 
 
 from __future__ import annotations
 
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
 import mlx.core as mx
 import numpy as np
 
@@ -106,17 +110,41 @@ def quantize(
     scales = np.empty((rows, groups), np.float32)
     biases = np.empty((rows, groups), np.float32)
     step = max(1, CHUNK_VALUES // cols)
-    for i in range(0, rows, step):
-        # Convert per chunk: bfloat16 mx arrays have no numpy form, and a float32 copy of a
-        # whole 27B-model matrix is not needed at once.
-        chunk = w[i : i + step]
-        chunk = np.array(chunk.astype(mx.float32)) if isinstance(chunk, mx.array) else chunk
-        x = np.asarray(chunk, np.float32).reshape(-1, groups, group_size)  # (R, G, g)
+
+    def chunks():
+        for i in range(0, rows, step):
+            # Convert per chunk, in this thread: bfloat16 mx arrays have no numpy form, and a
+            # float32 copy of a whole 27B-model matrix is not needed at once.
+            chunk = w[i : i + step]
+            chunk = np.array(chunk.astype(mx.float32)) if isinstance(chunk, mx.array) else chunk
+            yield i, np.asarray(chunk, np.float32).reshape(-1, groups, group_size)  # (R, G, g)
+
+    def work(i, x):
         q, s, b = _rtn(x, n) if method == "rtn" else _search(x, n)
         packed[i : i + step] = pack(q.reshape(-1, cols), bits)
         scales[i : i + step], biases[i : i + step] = s[..., 0], b[..., 0]
+
+    _run_parallel(work, chunks())
     out = (packed.reshape(*lead, -1), scales.reshape(*lead, groups), biases.reshape(*lead, groups))
     return tuple(mx.array(a) for a in out)
+
+
+def _run_parallel(work, items, workers: int | None = None) -> None:
+    """work(*item) for each item, on a few threads (numpy releases the GIL in its array loops);
+    at most 2 x workers items are in flight, so memory stays a few chunks."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers == 1:
+        for item in items:
+            work(*item)
+        return
+    pending = deque()
+    with ThreadPoolExecutor(workers) as pool:
+        for item in items:
+            pending.append(pool.submit(work, *item))
+            if len(pending) >= 2 * workers:
+                pending.popleft().result()
+        for f in pending:
+            f.result()
 
 
 def dequantize(q: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int) -> np.ndarray:

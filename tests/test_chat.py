@@ -58,17 +58,22 @@ def test_cancel_from_another_thread_keeps_the_session(session_parts):
     rest = list(replies)
     assert chat.last.generation_tokens < 200 and len(rest) < 199
     assert chat.messages[-1]["role"] == "assistant"
+    chat.sampling["max_tokens"] = 4
     assert text(chat.send("Thanks.")) is not None and len(chat.messages) == 4
 
 
-def test_piped_chat_prints_two_replies(gemma3_home):
+def test_piped_chat_prints_two_replies(gemma3_home, session_parts):
     env = {**os.environ, "GEMMA3_MLX_HOME": str(gemma3_home)}
     r = subprocess.run([sys.executable, "-m", "gemma3_mlx.cli.main", "chat", "-n", "6"], input="Hi\n\nAnd?\n/stats\n",
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert ">>>" not in r.stdout and "Traceback" not in r.stderr
-    stats = [line for line in r.stdout.splitlines() if line.startswith("prompt ")]
-    assert len(stats) == 1 and "processed" in stats[0]
+    # Exactly the two replies the API gives for the same conversation (blank lines skipped), then the statistics.
+    chat = ChatSession(*session_parts, max_tokens=6)
+    replies = [text(chat.send("Hi")), text(chat.send("And?"))]
+    assert r.stdout.startswith(replies[0] + "\n" + replies[1] + "\n")
+    stats = r.stdout[len(replies[0] + replies[1]) + 2:].splitlines()
+    assert len(stats) == 1 and stats[0].startswith("prompt ") and "processed" in stats[0]
     processed, total = int(stats[0].split("(")[1].split()[0]), int(stats[0].split()[1])
     assert processed < total  # the second turn reused the first turn's cache
 
@@ -157,6 +162,7 @@ def test_terminal_chat_session(gemma3_home, tmp_path):
     finally:
         t.close()
     assert "Traceback" not in t.raw
+    assert "/bogus" in (gemma3_home / "chat_history").read_text()  # up-arrow history survives the session
     # A terminal gets colours: the prompt, statistics, errors.
     assert "\x1b[1;32m>>> " in t.raw and "\x1b[2mprompt " in t.raw and "\x1b[31m\x1b[1merror: " in t.raw
 

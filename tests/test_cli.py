@@ -224,3 +224,14 @@ def test_prompt_longer_than_the_context_is_one_line(tiny_dirs, tmp_path):
     model = gemma3_mlx.load_model(d, "float32")
     with pytest.raises(ValueError, match="context of 16"):
         PromptCache(model).prefill(list(range(2, 40)))
+
+
+def test_generate_system_prompt_is_the_chat_format(gemma3_home, default_model_dir):
+    import gemma3_mlx
+
+    r = run(["generate", "--system", "Answer in French.", "What is the sea?", "-n", "8"], home=gemma3_home)
+    assert r.returncode == 0, r.stderr
+    model, tok = gemma3_mlx.load(default_model_dir)
+    messages = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "What is the sea?"}]
+    assert r.stdout == gemma3_mlx.generate(model, tok, messages, max_tokens=8) + "\n"
+    assert r.stdout != gemma3_mlx.generate(model, tok, messages[1:], max_tokens=8) + "\n"  # the system text counts
