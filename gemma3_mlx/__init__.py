@@ -6,8 +6,14 @@
 """
 
 from ._blas import preload_blas
+from ._signals import sigint_to_main_thread
 
-preload_blas()  # must run before mlx.core is imported: see _blas.py
+with sigint_to_main_thread():  # worker threads started here leave Ctrl-C to the main thread
+    preload_blas()  # must run before mlx.core is imported: see _blas.py
+    import mlx.core as _mx
+    import numpy  # noqa: F401  (its bundled OpenBLAS starts threads too)
+
+    _mx.eval(_mx.ones((2, 2)) @ _mx.ones((2, 2)))  # MLX starts its CPU worker thread now
 
 from .chat import ChatSession  # noqa: E402
 from .config import ModelConfig, TextConfig  # noqa: E402
