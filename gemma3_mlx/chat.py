@@ -30,17 +30,21 @@ class ChatSession:
         self._cancel = threading.Event()
 
     def send(self, text: str, images=()) -> Iterator[GenerationResponse]:
-        """Add a user message (and images) and stream the reply."""
+        """Add a user message (and images) and stream the reply. If the reply fails before its first
+        token (an unreadable image, a prompt longer than the context, Ctrl-C while the prompt is
+        processed), the message is taken back, so the conversation stays usable."""
+        before = list(self.messages)
         self.messages.append({"role": "user", "content": text, "images": [str(i) for i in images]})
-        return self._reply()
+        return self._reply(before)
 
     def retry(self) -> Iterator[GenerationResponse]:
         """Regenerate the last reply."""
+        before = list(self.messages)
         if self.messages and self.messages[-1]["role"] == "assistant":
             self.messages.pop()
         if not self.messages:
             raise ValueError("nothing to retry: the conversation is empty")
-        return self._reply()
+        return self._reply(before)
 
     def undo(self) -> None:
         """Forget the last user message and its reply."""
@@ -70,13 +74,14 @@ class ChatSession:
             msgs.append(msg)
         return msgs, images
 
-    def _reply(self) -> Iterator[GenerationResponse]:
+    def _reply(self, before: list[dict]) -> Iterator[GenerationResponse]:
         self._cancel.clear()
         msgs, images = self._render()
-        pieces, ids = [], []
+        pieces, ids, started = [], [], False
         try:
             for r in stream_generate(self.model, self.tokenizer, msgs, cache=self.cache, images=images or None,
                                      pan_and_scan=self.pan_and_scan, **self.sampling):
+                started = True
                 pieces.append(r.text)
                 if r.token is not None:
                     ids.append(r.token)
@@ -84,9 +89,15 @@ class ChatSession:
                 yield r
                 if self._cancel.is_set():
                     break
+        except BaseException:
+            if not started:  # nothing was said: the conversation is as it was
+                self.messages[:] = before
+                raise
+            raise
         finally:  # a cancelled or interrupted reply keeps what was said so far
-            # The reply's ids go back into the next prompt as generated, so the cache matches it.
-            self.messages.append({"role": "assistant", "content": "".join(pieces).strip(), "images": [], "ids": ids})
+            if started:  # its ids go back into the next prompt as generated, so the cache matches it
+                self.messages.append({"role": "assistant", "content": "".join(pieces).strip(), "images": [],
+                                      "ids": ids})
 
     def save(self, path: str | Path) -> None:
         """The conversation as JSON: roles, texts and image paths (token ids are not saved)."""

@@ -253,3 +253,21 @@ for f in glob.glob("/proc/self/task/*/status"):
     rows = [line.split() for line in r.stdout.splitlines()]
     assert len(rows) >= 2 and ["True", "0"] in rows  # the main thread takes SIGINT
     assert all(blocked == "2" for main, blocked in rows if main == "False")  # no worker thread does
+
+
+def test_a_failed_turn_is_taken_back(session_parts, tmp_path):
+    """A turn that fails before its first token (prompt past the context, unreadable image) leaves the
+    conversation as it was, so the next turn works without /undo."""
+    model, tok = session_parts
+    chat = ChatSession(model, tok, max_tokens=3)
+    text(chat.send("Hi"))
+    kept = [dict(m) for m in chat.messages]
+    with pytest.raises(ValueError, match="context"):
+        text(chat.send("word " * (model.config.text.max_position_embeddings + 10)))
+    assert chat.messages == kept
+    with pytest.raises(ValueError, match="cannot see images"):
+        text(chat.send("What is this?", images=[FIXTURES / "images" / "rgb.png"]))  # a text-only model
+    assert chat.messages == kept
+    text(chat.send("And?"))
+    assert [m["content"] for m in chat.messages if m["role"] == "user"] == ["Hi", "And?"]
+    assert chat.last.prefill_tokens < chat.last.prompt_tokens  # the cache still holds the first turn
