@@ -40,10 +40,15 @@ def note(message: str, **style) -> None:
         typer.secho(message, err=True, color=UI.color, **style)
 
 
+def _labelled(label: str, message, **style) -> None:
+    """One line on stderr: a coloured label, then the plain message."""
+    typer.secho(label, err=True, nl=False, color=UI.color, **style)
+    typer.echo(str(message), err=True)
+
+
 def _warn(message, *args, **kwargs) -> None:
     if not UI.quiet:
-        typer.secho("warning: ", err=True, nl=False, fg="yellow", color=UI.color)
-        typer.echo(str(message), err=True)
+        _labelled("warning: ", message, fg="yellow")
 
 
 @app.callback()
@@ -64,8 +69,7 @@ def set_quiet(quiet: bool) -> None:
 
 
 def error(message: str) -> None:
-    typer.secho("error: ", err=True, nl=False, fg="red", bold=True, color=UI.color)
-    typer.echo(message, err=True)
+    _labelled("error: ", message, fg="red", bold=True)
 
 
 def fail(message: str, code: int = 1):
@@ -367,7 +371,8 @@ def chat(
         if pending:
             from ..image import load_image
 
-            [load_image(p) for p in pending]  # fail fast, before loading the model
+            for p in pending:  # fail fast, before loading the model
+                load_image(p)
         model_obj, tokenizer = load(resolve_model(model))
         if tokenizer is None:
             fail("the model has no tokenizer.model")

@@ -77,11 +77,10 @@ class ChatSession:
     def _reply(self, before: list[dict]) -> Iterator[GenerationResponse]:
         self._cancel.clear()
         msgs, images = self._render()
-        pieces, ids, started = [], [], False
+        pieces, ids = [], []  # every response adds a piece: no pieces, nothing was said
         try:
             for r in stream_generate(self.model, self.tokenizer, msgs, cache=self.cache, images=images or None,
                                      pan_and_scan=self.pan_and_scan, **self.sampling):
-                started = True
                 pieces.append(r.text)
                 if r.token is not None:
                     ids.append(r.token)
@@ -90,12 +89,11 @@ class ChatSession:
                 if self._cancel.is_set():
                     break
         except BaseException:
-            if not started:  # nothing was said: the conversation is as it was
+            if not pieces:  # nothing was said: the conversation is as it was
                 self.messages[:] = before
-                raise
             raise
         finally:  # a cancelled or interrupted reply keeps what was said so far
-            if started:  # its ids go back into the next prompt as generated, so the cache matches it
+            if pieces:  # its ids go back into the next prompt as generated, so the cache matches it
                 self.messages.append({"role": "assistant", "content": "".join(pieces).strip(), "images": [],
                                       "ids": ids})
 

@@ -173,8 +173,7 @@ class PromptCache:
             self.reprocessed = 0
             return saved[1]
         common = min(common, len(ids) - 1)  # the last prompt token must run to give logits
-        start = self.rewind(common)
-        self.images = [blk for blk in self.images if blk[1] <= start]
+        start = self.rewind(common)  # also drops the image blocks past `start`
         self.reprocessed = len(ids) - start
         bounds = _chunk_bounds(start, len(ids), chunk, spans)
         for i, (a, b) in enumerate(bounds):
