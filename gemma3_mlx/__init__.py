@@ -18,18 +18,22 @@ with sigint_to_main_thread():  # worker threads started here leave Ctrl-C to the
 from .chat import ChatSession  # noqa: E402
 from .config import ModelConfig, TextConfig  # noqa: E402
 from .errors import ConfigError, ConversionError, Gemma3Error, ModelFileError  # noqa: E402
-from .generate import GenerationResponse, generate, generate_tokens, stream_generate  # noqa: E402
+from .engine import STOP_IDS, Engine, Event, Stats  # noqa: E402
+from .generate import (  # noqa: E402
+    Completion, GenerationResponse, batch_generate, generate, generate_tokens, stream_batch, stream_generate,
+)
 from .loader import load, load_model, load_tokenizer  # noqa: E402
 from .model import Model  # noqa: E402
 from .models import cache_dir, ensure_default_model, resolve  # noqa: E402
 from .image import ImageError, load_image, preprocess_image  # noqa: E402
 from .prompt_cache import PromptCache, PromptCacheError  # noqa: E402
-from .sample import make_sampler  # noqa: E402
+from .sample import Sampler, make_sampler  # noqa: E402
 from .tokenizer import StreamingDetokenizer, Tokenizer  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Completion", "Engine", "Event", "STOP_IDS", "Sampler", "Stats", "batch_generate", "stream_batch",
     "ChatSession", "ConfigError", "ConversionError", "Gemma3Error", "GenerationResponse", "Model", "ModelConfig",
     "ImageError", "load_image", "preprocess_image", "ModelFileError", "PromptCache", "PromptCacheError", "StreamingDetokenizer", "TextConfig", "Tokenizer", "cache_dir",
     "ensure_default_model", "generate", "generate_tokens", "load", "load_model", "load_tokenizer",

@@ -1,26 +1,29 @@
-"""Generation: `generate_tokens` yields token ids; `stream_generate` turns them into text pieces.
+"""Generation front ends over the engine: tokens (`generate_tokens`), streamed text for one prompt
+(`stream_generate`, `generate`) and for many at once (`stream_batch`, `batch_generate`).
 
-Prefill runs in chunks and computes the output head only for the last prompt position (the
-262K-row head is most of a small model's prefill otherwise). Stops on eos (1), `<end_of_turn>`
-(106) or `max_tokens`. Sampling lives in sample.py, detokenizing in tokenizer.py.
+All of them drive `engine.Engine`: one decode loop, batched or not. Prompts are raw text (BOS
+added), token ids, or chat messages (Gemma's chat format); images go through prompt.py. Stops on
+eos (1), `<end_of_turn>` (106) or `max_tokens`. Turning tokens into text is tokenizer.py's job.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import mlx.core as mx
 
+from .engine import STOP_IDS, Engine, Event, Stats
+from .prompt import build_prompt
 from .prompt_cache import PromptCache
-from .sample import make_sampler
-
-STOP_IDS = (1, 106)  # <eos>, <end_of_turn>
+from .sample import Sampler, make_sampler
+from .tokenizer import StreamingDetokenizer
 
 
 @dataclass
 class GenerationResponse:
+    """One streamed piece. The closing piece of a stream has `token` None and a `finish_reason`."""
+
     text: str  # the text that became final with this step ("" when a character is still incomplete)
     token: int | None  # the token generated this step; None on the closing response
     prompt_tokens: int
@@ -31,6 +34,28 @@ class GenerationResponse:
     peak_memory_gb: float
     kv_bytes: int  # memory held by the KV cache
     finish_reason: str | None = None  # "stop" (eos / end_of_turn), "length", or None while running
+    logprob: float | None = None  # with logprobs=: the token's log-probability
+    top_logprobs: tuple = ()  # with logprobs=k: (token, log-probability) of the k most likely
+    stats: Stats | None = None  # the same figures as data (times in seconds)
+
+
+@dataclass
+class Completion:
+    """A finished sequence of `batch_generate`."""
+
+    text: str
+    tokens: list[int]  # generated, the stop token excluded
+    finish_reason: str
+    stats: Stats
+
+
+def _run(engine: Engine) -> Iterator[Event]:
+    """Step an engine until it has nothing left; on any exit every sequence's cache stays consistent."""
+    try:
+        while engine.has_work:
+            yield from engine.step()
+    finally:
+        engine.close()
 
 
 def generate_tokens(
@@ -42,7 +67,6 @@ def generate_tokens(
     sampler=None,
     stop_ids: Sequence[int] = STOP_IDS,
     prefill_chunk: int = 512,
-    stats: dict | None = None,
     images: list | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids (the stop token included, then it ends).
@@ -50,40 +74,49 @@ def generate_tokens(
     With a `PromptCache`, only the part of the prompt it does not already hold is processed,
     and it keeps the conversation (prompt + reply) for the next call.
     """
-    pc = PromptCache(model) if cache is None else cache
-    sampler = sampler or make_sampler()
-    history = list(prompt_ids)
-    t0 = time.perf_counter()
-    logits = pc.prefill(prompt_ids, prefill_chunk, images=images)
-    pc.snapshot(logits)  # end of the prompt: regenerating this reply starts here
-    token = sampler(logits, history)
-    mx.eval(token)
-    if stats is not None:
-        stats["prompt_time"] = time.perf_counter() - t0
-        stats["prefill_tokens"] = pc.reprocessed
-        stats["decode_start"] = time.perf_counter()
-    try:
-        for n in range(max_tokens):
-            tok = int(token.item())
-            history.append(tok)
-            if tok in stop_ids or n == max_tokens - 1:
-                yield tok
-                return
-            # Queue the next step before handing this token out, so the model works while the caller prints.
-            logits = pc.feed([tok])
-            token = sampler(logits, history)
-            mx.async_eval(token)
-            yield tok
-    finally:
-        pc.snapshot()  # end of the reply: the next turn (or an edit of it) starts here
+    engine = Engine(model, max_batch=1, prefill_chunk=prefill_chunk)
+    engine.submit(prompt_ids, max_tokens=max_tokens, sampler=sampler, stop_ids=stop_ids, images=images, cache=cache)
+    for event in _run(engine):
+        yield event.token
 
 
-def _prompt_ids(tokenizer, prompt) -> list[int]:
+def prompt_ids(tokenizer, config, prompt, images=None, pan_and_scan: bool = False) -> tuple[list[int], list | None]:
+    """(ids, image blocks) for raw text (BOS added), token ids, or chat messages."""
+    if images:
+        ids, blocks = build_prompt(tokenizer, prompt, config, images, pan_and_scan)
+        return ids, blocks
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
+        return tokenizer.encode(prompt), None
     if prompt and isinstance(prompt[0], dict):
-        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-    return [int(t) for t in prompt]
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True), None
+    return [int(t) for t in prompt], None
+
+
+def _sampler(sampler, temp, top_k, top_p, min_p, repetition_penalty, seed) -> Sampler:
+    return sampler if sampler is not None else make_sampler(temp, top_k, top_p, min_p, repetition_penalty, seed=seed)
+
+
+class _Pieces:
+    """Events of one sequence -> GenerationResponses (text pieces, then the closing one)."""
+
+    def __init__(self, tokenizer, cache: PromptCache):
+        self.detok = StreamingDetokenizer(tokenizer) if tokenizer is not None else None  # None: ids only
+        self.cache = cache
+
+    def response(self, text, token, stats: Stats, finish=None, logprob=None, top=()) -> GenerationResponse:
+        return GenerationResponse(text, token, stats.prompt_tokens, stats.prefill_tokens, stats.prompt_tps,
+                                  stats.generation_tokens, stats.generation_tps, mx.get_peak_memory() / 1e9,
+                                  self.cache.nbytes, finish, logprob, top, stats)
+
+    def __call__(self, event: Event) -> list[GenerationResponse]:
+        out = []
+        if event.token is not None and event.finish_reason != "stop":
+            text = self.detok.add(event.token) if self.detok else ""
+            out.append(self.response(text, event.token, event.stats, None, event.logprob, event.top_logprobs))
+        if event.finish_reason:
+            text = self.detok.finalize() if self.detok else ""
+            out.append(self.response(text, None, event.stats, event.finish_reason))
+        return out
 
 
 def stream_generate(
@@ -98,63 +131,89 @@ def stream_generate(
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
     seed: int | None = None,
+    sampler: Sampler | None = None,
+    stop_ids: Sequence[int] = STOP_IDS,
     cache: PromptCache | None = None,
     prefill_chunk: int = 512,
     images: list | None = None,
     pan_and_scan: bool = False,
+    logprobs: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream text for `prompt`: raw text (BOS added), a list of token ids, or chat messages
     (`[{"role": "user", "content": "..."}]`, rendered with Gemma's chat format).
-    Pass a `PromptCache` to reuse work across calls (multi-turn chat, a shared document).
+    Every piece but the last carries one token; the last has `token` None, the remaining text
+    and the `finish_reason` ("stop" or "length").
+    Pass a `PromptCache` to reuse work across calls (multi-turn chat, a shared document), and a
+    `sampler` (`make_sampler(...)`) to keep one random stream across calls instead of `seed`.
     `images` (paths, bytes or PIL images) go where the text says `<start_of_image>`, else before
     the last user message; `pan_and_scan` adds the reference's crops of large or wide images."""
-    from .tokenizer import StreamingDetokenizer
-
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
-    sampler = make_sampler(temp, top_k, top_p, min_p, repetition_penalty, seed=seed)
-    blocks = None
-    if images:
-        from .prompt import build_prompt
-
-        ids, blocks = build_prompt(tokenizer, prompt, model.config, images, pan_and_scan)
-    else:
-        ids = _prompt_ids(tokenizer, prompt)
-    detok = StreamingDetokenizer(tokenizer)
+    sampler = _sampler(sampler, temp, top_k, top_p, min_p, repetition_penalty, seed)
+    ids, blocks = prompt_ids(tokenizer, model.config, prompt, images, pan_and_scan)
     mx.reset_peak_memory()
     pc = PromptCache(model) if cache is None else cache
-    stats: dict = {}
-    n = 0
-
-    def response(text, token, finish=None):
-        now = time.perf_counter()
-        decode_time = now - stats["decode_start"]
-        return GenerationResponse(
-            text=text,
-            token=token,
-            prompt_tokens=len(ids),
-            prefill_tokens=stats["prefill_tokens"],
-            prompt_tps=stats["prefill_tokens"] / max(stats["prompt_time"], 1e-9),
-            generation_tokens=n,
-            generation_tps=n / max(decode_time, 1e-9),
-            peak_memory_gb=mx.get_peak_memory() / 1e9,
-            kv_bytes=pc.nbytes,
-            finish_reason=finish,
-        )
-
-    finish = "length"
-    for token in generate_tokens(
-        model, ids, cache=pc, max_tokens=max_tokens, sampler=sampler, prefill_chunk=prefill_chunk, stats=stats,
-        images=blocks,
-    ):
-        n += 1
-        if token in STOP_IDS:
-            finish = "stop"
-            break
-        yield response(detok.add(token), token)
-    yield response(detok.finalize(), None, finish)
+    engine = Engine(model, max_batch=1, prefill_chunk=prefill_chunk)
+    engine.submit(ids, max_tokens=max_tokens, sampler=sampler, stop_ids=stop_ids, images=blocks, cache=pc,
+                  logprobs=logprobs)
+    pieces = _Pieces(tokenizer, pc)
+    for event in _run(engine):
+        yield from pieces(event)
 
 
 def generate(model, tokenizer, prompt, **kwargs) -> str:
     """The whole completion as one string (see `stream_generate` for the arguments)."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
+
+
+def stream_batch(
+    model,
+    tokenizer,
+    prompts: Sequence,
+    *,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop_ids: Sequence[int] = STOP_IDS,
+    images: Sequence | None = None,
+    pan_and_scan: bool = False,
+    max_batch: int = 8,
+    prefill_chunk: int = 512,
+) -> Iterator[tuple[int, GenerationResponse]]:
+    """Generate for several prompts at once: yields (prompt index, piece) as pieces become known,
+    each stream ending with its closing piece. At most `max_batch` decode together; the rest wait
+    and join as others finish. Each prompt's output is what it gives alone (the same `seed` gives
+    each prompt its own, identical random stream). `images`: a list of images per prompt."""
+    images = list(images) if images is not None else [None] * len(prompts)
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    engine = Engine(model, max_batch=max_batch, prefill_chunk=prefill_chunk)
+    streams = {}
+    for i, (prompt, imgs) in enumerate(zip(prompts, images)):
+        ids, blocks = prompt_ids(tokenizer, model.config, prompt, imgs, pan_and_scan)
+        cache = PromptCache(model)
+        uid = engine.submit(ids, max_tokens=max_tokens, stop_ids=stop_ids, images=blocks, cache=cache,
+                            sampler=make_sampler(temp, top_k, top_p, min_p, repetition_penalty, seed=seed))
+        streams[uid] = (i, _Pieces(tokenizer, cache))
+    for event in _run(engine):
+        i, pieces = streams[event.uid]
+        for piece in pieces(event):
+            yield i, piece
+
+
+def batch_generate(model, tokenizer, prompts: Sequence, **kwargs) -> list[Completion]:
+    """`stream_batch` collected: one `Completion` per prompt, in prompt order."""
+    texts = [[] for _ in prompts]
+    tokens = [[] for _ in prompts]
+    done: list[Completion | None] = [None] * len(prompts)
+    for i, piece in stream_batch(model, tokenizer, prompts, **kwargs):
+        texts[i].append(piece.text)
+        if piece.token is not None:
+            tokens[i].append(piece.token)
+        else:
+            done[i] = Completion("".join(texts[i]), tokens[i], piece.finish_reason, piece.stats)
+    return done

@@ -2,7 +2,7 @@
 
 Five local (sliding-window) layers for every global one, QK-norm, `(1 + w)` RMSNorms, two
 RoPE bases, tied output head. Sizes come from the config alone (270M to 27B). This module
-does no I/O and no sampling; loading lives in loader.py, the vision tower in a later step.
+does no I/O and no sampling; loading lives in loader.py, the vision tower in vision.py.
 """
 
 from __future__ import annotations
@@ -11,21 +11,11 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
-from .cache import KVCache, QuantizedKVCache, WindowCache
+from .cache import ROLLBACK, KVCache, QuantizedKVCache, WindowCache
 from .config import ModelConfig, TextConfig
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dims: int, eps: float):
-        super().__init__()
-        self.weight = mx.zeros((dims,))
-        self.eps = eps
-
-    def __call__(self, x: mx.array) -> mx.array:
-        # Gemma norms scale by (1 + w), not w.
-        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+from .norm import RMSNorm
+from .vision import Projector, VisionTower, encode_images
 
 
 class Attention(nn.Module):
@@ -52,7 +42,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         # QK-norm over head_dim, after projection and before RoPE. (B, heads, L, head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
-        offset = cache.offset if cache is not None else 0
+        offset = cache.rope_offset if cache is not None else 0  # an int, or one per row
         # Linear RoPE scaling divides positions by the factor: mx.fast.rope multiplies by scale.
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=self.rope_scale, offset=offset)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=self.rope_scale, offset=offset)
@@ -76,8 +66,8 @@ def quantized_attention(q, keys, values, scale, mask, cache: QuantizedKVCache) -
     k = tuple(a[:, :, None] for a in keys)
     v = tuple(a[:, :, None] for a in values)
     scores = mx.quantized_matmul(q, *k, transpose=True, group_size=cache.group_size, bits=cache.key_bits)
-    if mask is not None:
-        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+    if mask is not None:  # (B, 1, L, T) -> (B, 1, 1, L, T) over (B, Hkv, groups, L, T)
+        scores = mx.where(mask[:, :, None], scores, mx.array(-mx.inf, scores.dtype))
     probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)  # softmax in float32
     out = mx.quantized_matmul(probs, *v, transpose=False, group_size=cache.group_size, bits=cache.value_bits)
     return out.reshape(B, H, L, -1)
@@ -125,39 +115,45 @@ class TextModel(nn.Module):
         # Scaled by sqrt(hidden), rounded to the compute dtype first as the reference does.
         return h * mx.array(math.sqrt(self.config.hidden_size), dtype=h.dtype)
 
-    def __call__(self, h: mx.array, cache: list, image_blocks: mx.array | None = None) -> mx.array:
+    def __call__(self, h: mx.array, cache: list, image_spans=None) -> mx.array:
         L = h.shape[1]
         masks = {}
         for layer, c in zip(self.layers, cache):
             if layer.is_local not in masks:
                 # Every layer of one kind has the same cache geometry, so one mask per kind.
-                masks[layer.is_local] = with_image_blocks(c.make_mask(L), image_blocks)
+                masks[layer.is_local] = with_image_blocks(c.make_mask(L), image_spans, L)
             h = layer(h, masks[layer.is_local], c)
         return self.norm(h)
 
 
-def image_blocks(ids, image_token: int) -> mx.array | None:
-    """(L,) block number of each image soft token (-1 for text), or None without images.
-    Each maximal run of soft tokens is one image."""
-    ids = np.asarray(ids)
-    is_img = ids == image_token
-    if not is_img.any():
-        return None
-    starts = is_img & ~np.concatenate([[False], is_img[:-1]])
-    return mx.array(np.where(is_img, np.cumsum(starts) - 1, -1))
+def image_spans_of(ids, image_token: int) -> list[tuple[int, int]]:
+    """[start, end) of each image in `ids` (host ints): each maximal run of soft tokens is one image.
+    The one place image blocks are found; callers compute them once per prompt, never per step."""
+    spans, start = [], None
+    for i, t in enumerate(list(ids) + [None]):
+        if t == image_token and start is None:
+            start = i
+        elif t != image_token and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
 
 
-def with_image_blocks(mask: mx.array | None, blocks: mx.array | None) -> mx.array | None:
+def with_image_blocks(mask: mx.array | None, spans, L: int) -> mx.array | None:
     """Let soft tokens of one image also see the later tokens of the same image.
 
     Only future keys are added (kv > q); the causal and window rules already decide every
-    earlier key, as in the reference. The chunk's own keys are the last L of the keys."""
-    if blocks is None or mask is None:  # no mask: a single query, which has no future keys
+    earlier key, as in the reference. The chunk's own keys are the last L of the keys.
+    `spans`: [start, end) of each image within this chunk (one row)."""
+    if not spans or mask is None:  # no mask: a single query, which has no future keys
         return mask
-    L, n_keys = blocks.shape[0], mask.shape[1]
-    same = (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
+    block = mx.full((L,), -1)
+    for n, (a, b) in enumerate(spans):
+        block[a:b] = n
+    same = (block[:, None] == block[None, :]) & (block[:, None] >= 0)
     future = mx.arange(L)[None, :] > mx.arange(L)[:, None]
-    return mx.concatenate([mask[:, : n_keys - L], mask[:, n_keys - L :] | (same & future)], axis=1)
+    n_keys = mask.shape[-1]
+    return mx.concatenate([mask[..., : n_keys - L], mask[..., n_keys - L :] | (same & future)], axis=-1)
 
 
 class Model(nn.Module):
@@ -169,20 +165,16 @@ class Model(nn.Module):
         self.config = config
         self.model = TextModel(config.text)
         if config.vision is not None:
-            from .vision import Projector, VisionTower
-
             self.vision_tower = VisionTower(config.vision)
             self.multi_modal_projector = Projector(config)
 
     def encode_images(self, pixel_values: mx.array) -> mx.array:
         """(N, H, W, 3) preprocessed images -> (N, mm_tokens_per_image, hidden) soft-token embeddings."""
-        from .vision import encode_images
-
         if self.config.vision is None:
             raise ValueError("this model has no vision tower (a text-only Gemma 3)")
         return encode_images(self.vision_tower, self.multi_modal_projector, pixel_values)
 
-    def embed(self, input_ids: mx.array, image_features: mx.array | None) -> mx.array:
+    def embed(self, input_ids: mx.array, image_features: mx.array | None, spans=None) -> mx.array:
         image_token = self.config.image_token_index
         ids = input_ids
         if self.config.vision is not None and image_token >= self.config.text.vocab_size:
@@ -191,17 +183,19 @@ class Model(nn.Module):
         if image_features is None:
             return h
         # Soft tokens take the projected image features, in order, not scaled by sqrt(hidden).
-        pos = np.nonzero(np.array(input_ids[0]) == image_token)[0]
         feats = image_features.reshape(-1, h.shape[-1])
-        if input_ids.shape[0] != 1 or len(pos) != feats.shape[0]:
-            raise ValueError(f"{len(pos)} image tokens in the prompt but {feats.shape[0]} image features (batch 1)")
-        h[0, mx.array(pos)] = feats.astype(h.dtype)
+        n = sum(b - a for a, b in spans or ())
+        if input_ids.shape[0] != 1 or n != feats.shape[0]:
+            raise ValueError(f"{n} image tokens in the prompt but {feats.shape[0]} image features (batch 1)")
+        pos = mx.concatenate([mx.arange(a, b) for a, b in spans])
+        h[0, pos] = feats.astype(h.dtype)
         return h
 
     def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64, value_bits: int | None = None,
-                   max_context: int | None = None) -> list:
-        """One cache per layer: a window ring for local layers; for global layers a full cache,
-        quantized to `kv_bits` (keys) / `value_bits` (values, default kv_bits) when asked."""
+                   max_context: int | None = None, rollback: int = ROLLBACK) -> list:
+        """One cache per layer: a window ring for local layers (able to take back `rollback` tokens);
+        for global layers a full cache, quantized to `kv_bits` (keys) / `value_bits` (values, default
+        kv_bits) when asked."""
         t = self.config.text
 
         def global_cache():
@@ -209,21 +203,22 @@ class Model(nn.Module):
                 return KVCache(max_context)
             return QuantizedKVCache(kv_bits, value_bits or kv_bits, kv_group_size, max_context)
 
-        return [WindowCache(t.sliding_window) if local else global_cache() for local in t.is_local]
+        return [WindowCache(t.sliding_window, rollback) if local else global_cache() for local in t.is_local]
 
     def __call__(self, input_ids: mx.array, cache: list | None = None, *, pixel_values: mx.array | None = None,
-                 image_features: mx.array | None = None, logits: str = "all") -> mx.array | None:
+                 image_features: mx.array | None = None, image_spans=None, logits: str = "all") -> mx.array | None:
         """input_ids: (B, L), with each image already expanded to its soft tokens; pixel_values:
-        (N, H, W, 3) for the N images in order (or their `image_features` from `encode_images`).
-        An image block must not be split across calls (prompt_cache.py keeps them whole)."""
+        (N, H, W, 3) for the N images in order (or their `image_features` from `encode_images`);
+        `image_spans`: [start, end) of each image in this chunk, when the caller knows them (found
+        from the ids otherwise, which reads them back from the device). An image block must not be
+        split across calls (prompt_cache.py keeps them whole)."""
         if cache is None:
             cache = self.make_cache()
         if pixel_values is not None:
             image_features = self.encode_images(pixel_values)
-        blocks = None
-        if self.config.vision is not None:
-            blocks = image_blocks(np.array(input_ids[0]), self.config.image_token_index)
-        h = self.model(self.embed(input_ids, image_features), cache, blocks)
+        if image_spans is None and image_features is not None:
+            image_spans = image_spans_of(input_ids[0].tolist(), self.config.image_token_index)
+        h = self.model(self.embed(input_ids, image_features, image_spans), cache, image_spans)
         if logits == "none":
             return None
         if logits == "hidden":  # final-norm hidden states (B, L, D): apply `head` where needed

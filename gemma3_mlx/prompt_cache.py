@@ -1,10 +1,10 @@
 """Prompt caches: a model's per-layer caches plus the token ids they hold.
 
 `prefill(ids)` reuses the longest common prefix with what is cached and processes only the
-rest. Local layers are ring buffers that cannot roll back, so the cache snapshots their state
-at turn boundaries (end of each prompt, end of each reply); rolling back (regenerate or edit
-the last turn) restores the nearest snapshot at or before the common prefix and re-processes
-only the tokens after it. Caches save to safetensors with the model's fingerprint and the token
+rest. `trim(k)` drops the last k tokens exactly: local layers' rings take back up to `rollback`
+tokens in place; further back, the cache restores the nearest snapshot (taken at turn boundaries:
+end of each prompt, end of each reply) at or before the target and re-processes only the tokens
+after it. Caches save to safetensors with the model's fingerprint and the token
 ids, so a cache is never loaded into a different model.
 """
 
@@ -17,8 +17,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .cache import KVCache, QuantizedKVCache, WindowCache
+from .cache import ROLLBACK, KVCache, QuantizedKVCache, WindowCache
 from .errors import Gemma3Error
+from .model import image_spans_of
 
 FORMAT = "gemma3-mlx-prompt-cache/1"
 
@@ -42,18 +43,6 @@ def fingerprint(model) -> str:
 def _image_key(pixels) -> str:
     a = np.ascontiguousarray(np.asarray(pixels, dtype=np.float32))
     return hashlib.sha256(a.tobytes() + str(a.shape).encode()).hexdigest()[:24]
-
-
-def _image_spans(ids: list[int], image_token: int) -> list[tuple[int, int]]:
-    """[start, end) of each run of image soft tokens."""
-    spans, start = [], None
-    for i, t in enumerate(ids + [None]):
-        if t == image_token and start is None:
-            start = i
-        elif t != image_token and start is not None:
-            spans.append((start, i))
-            start = None
-    return spans
 
 
 def _chunk_bounds(start: int, end: int, chunk: int, spans) -> list[tuple[int, int]]:
@@ -81,9 +70,10 @@ class PromptCache:
     """
 
     def __init__(self, model, *, kv_bits: int | None = None, kv_group_size: int = 64,
-                 value_bits: int | None = None, max_snapshots: int = 4):
+                 value_bits: int | None = None, max_snapshots: int = 4, rollback: int = ROLLBACK):
         self.model = model
-        self.cache_args = {"kv_bits": kv_bits, "kv_group_size": kv_group_size, "value_bits": value_bits}
+        self.cache_args = {"kv_bits": kv_bits, "kv_group_size": kv_group_size, "value_bits": value_bits,
+                           "rollback": rollback}
         self.layers = model.make_cache(**self.cache_args)
         self.tokens: list[int] = []
         self.snapshots: dict[int, list] = {}
@@ -109,28 +99,59 @@ class PromptCache:
             del self.snapshots[min(self.snapshots)]
 
     def rewind(self, n: int) -> int:
-        """Roll back to at most n tokens; returns the length actually kept (a snapshot point)."""
+        """Roll back to at most n tokens; returns the length actually kept (n itself when the rings
+        can take the tokens back, else the nearest snapshot point before n)."""
         if n >= len(self.tokens):
             return len(self.tokens)
-        keep = max((s for s in self.snapshots if s <= n), default=0)
-        if keep == 0:
-            self.layers = self.model.make_cache(**self.cache_args)
+        drop = len(self.tokens) - n
+        if all(c.can_trim() >= drop for c in self.layers if isinstance(c, WindowCache)):
+            for c in self.layers:
+                c.trim(drop)
+            keep = n
         else:
-            for c, saved in zip(self.layers, self.snapshots[keep][0]):
-                if isinstance(c, WindowCache):
-                    c.restore(_copy(saved), keep)
-                else:
-                    c.trim(keep)
+            keep = max((s for s in self.snapshots if s <= n), default=0)
+            if keep == 0:
+                self.layers = self.model.make_cache(**self.cache_args)
+            else:
+                for c, saved in zip(self.layers, self.snapshots[keep][0]):
+                    if isinstance(c, WindowCache):
+                        c.restore(_copy(saved), keep)
+                    else:
+                        c.trim(c.offset - keep)
         self.tokens = self.tokens[:keep]
         self.images = [blk for blk in self.images if blk[1] <= keep]
         self.snapshots = {s: v for s, v in self.snapshots.items() if s <= keep}
         return keep
 
-    def feed(self, ids: list[int], logits: str = "last", image_features: mx.array | None = None):
+    def trim(self, k: int) -> None:
+        """Drop the last k tokens exactly (re-processing from a snapshot when the rings cannot)."""
+        if not 0 <= k <= len(self.tokens):
+            raise ValueError(f"cannot trim {k} tokens from a cache of {len(self.tokens)}")
+        target = self.tokens[: len(self.tokens) - k]
+        kept = self.rewind(len(target))
+        if kept < len(target):
+            self._run(target[kept:], logits="none")
+
+    def feed(self, ids: list[int], logits: str = "last", image_features: mx.array | None = None,
+             image_spans=None):
         """Run ids through the model on top of the cache; logits of the last position or None."""
-        out = self.model(mx.array(ids)[None], self.layers, logits=logits, image_features=image_features)
+        return self._run(ids, logits, image_features, image_spans)
+
+    def _run(self, ids, logits="last", image_features=None, image_spans=None):
+        try:
+            out = self.model(mx.array(ids)[None], self.layers, logits=logits, image_features=image_features,
+                             image_spans=image_spans)
+        except BaseException:  # e.g. Ctrl-C halfway through the layers: take back what some layers took
+            self.realign()
+            raise
         self.tokens.extend(int(t) for t in ids)
         return None if out is None else out[:, -1, :]
+
+    def realign(self) -> None:
+        """Make every layer hold exactly `tokens` again after an interrupted step."""
+        for c in self.layers:
+            if c.offset > len(self.tokens):
+                c.trim(c.offset - len(self.tokens))
 
     def _features(self, pixels) -> mx.array:
         """Soft-token embeddings of one image block, encoded once per content (LRU of 16)."""
@@ -147,13 +168,20 @@ class PromptCache:
         `images`: one preprocessed (H, W, 3) array per image block in `ids`, in order. A cached
         prefix is reused only up to the first image whose content differs.
         """
+        for out in self.prefill_steps(ids, chunk, images):
+            if out is not None:
+                return out
+
+    def prefill_steps(self, ids: list[int], chunk: int = 512, images: list | None = None):
+        """`prefill` one chunk at a time (an engine interleaves them with other sequences' decoding):
+        yields None after each chunk but the last, then the last position's logits (1, V)."""
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("the prompt is empty")
         limit = self.model.config.text.max_position_embeddings
         if len(ids) >= limit:
             raise ValueError(f"the prompt has {len(ids)} tokens: more than the model's context of {limit}")
-        spans = _image_spans(ids, self.model.config.image_token_index) if self.model.config.vision else []
+        spans = image_spans_of(ids, self.model.config.image_token_index) if self.model.config.vision else []
         images = list(images or [])
         if len(images) != len(spans):
             raise ValueError(f"the prompt has {len(spans)} image blocks but {len(images)} images were given")
@@ -171,7 +199,8 @@ class PromptCache:
         if common == len(ids) and saved is not None and saved[1] is not None:
             self.rewind(len(ids))  # e.g. regenerating a reply: the prompt is all cached
             self.reprocessed = 0
-            return saved[1]
+            yield saved[1]
+            return
         common = min(common, len(ids) - 1)  # the last prompt token must run to give logits
         start = self.rewind(common)  # also drops the image blocks past `start`
         self.reprocessed = len(ids) - start
@@ -180,11 +209,13 @@ class PromptCache:
             inside = [(blk, img) for blk, img in zip(blocks, images) if a <= blk[0] < b]
             feats = mx.concatenate([self._features(img) for _, img in inside]) if inside else None
             last = i == len(bounds) - 1
-            out = self.feed(ids[a:b], logits="last" if last else "none", image_features=feats)
+            out = self._run(ids[a:b], "last" if last else "none", feats, [(x - a, y - a) for x, y, _ in
+                                                                            (blk for blk, _ in inside)])
             self.images += [blk for blk, _ in inside]
             if not last:
                 mx.eval([c.state for c in self.layers])  # bound the lazy graph: one chunk at a time
-        return out
+                yield None
+        yield out
 
     # ------------------------------------------------------------------ files
 
@@ -215,9 +246,12 @@ class PromptCache:
             raise PromptCacheError(f"{path}: this prompt cache was made with a different model")
         pc = cls(model, **json.loads(meta["cache_args"]))
         tokens = json.loads(meta["tokens"])
-        for i, c in enumerate(pc.layers):
-            prefix = f"layer.{i}."
-            c.restore({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, len(tokens))
+        try:
+            for i, c in enumerate(pc.layers):
+                prefix = f"layer.{i}."
+                c.restore({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, len(tokens))
+        except ValueError as e:
+            raise PromptCacheError(f"{path}: {e} (saved by another version? delete it and run again)") from None
         pc.tokens = tokens
         pc.snapshot()
         return pc

@@ -7,22 +7,21 @@ is greedy. This module knows nothing about models or tokenizers.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
 import mlx.core as mx
 
 NEG_INF = float("-inf")
 
 
-def apply_repetition_penalty(logits: mx.array, tokens: Sequence[int], penalty: float) -> mx.array:
-    """Divide positive logits of already-seen tokens by `penalty`, multiply negative ones (CTRL paper)."""
+def apply_repetition_penalty(logits: mx.array, tokens, penalty: float) -> mx.array:
+    """Divide positive logits of already-seen tokens by `penalty`, multiply negative ones (CTRL paper).
+    `tokens`: ids (a list, or an array that may still be lazy: nothing is read back from the device)."""
     if penalty == 1.0 or len(tokens) == 0:
         return logits
-    idx = mx.array(sorted(set(int(t) for t in tokens)))
-    seen = logits[..., idx]
-    logits = mx.array(logits)  # a new array: the caller's logits stay as they were
-    logits[..., idx] = mx.where(seen > 0, seen / penalty, seen * penalty)
-    return logits
+    idx = mx.array(tokens).reshape(1, -1).astype(mx.int32)
+    idx = mx.broadcast_to(idx, (logits.shape[0], idx.shape[1]))
+    seen = mx.take_along_axis(logits, idx, axis=-1)
+    # A token seen twice is written twice with the same value: penalized once.
+    return mx.put_along_axis(logits, idx, mx.where(seen > 0, seen / penalty, seen * penalty), axis=-1)
 
 
 def apply_top_k(logits: mx.array, k: int) -> mx.array:
@@ -68,6 +67,42 @@ def validate(temp: float, top_k: int, top_p: float, min_p: float, repetition_pen
         raise ValueError(f"repetition penalty must be > 0 (got {repetition_penalty})")
 
 
+class Sampler:
+    """`sampler(logits (B, V), history) -> token ids (B,)`, lazily: no value is read back, so the
+    decode loop can queue the next step before this one's token is known. `history` (ids seen so
+    far, a list or an array) matters only with a repetition penalty. A seeded sampler owns its
+    random key: the same seed draws the same tokens alone or in a batch."""
+
+    def __init__(self, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                 repetition_context=64, seed=None):
+        validate(temp, top_k, top_p, min_p, repetition_penalty)
+        self.temp, self.top_k, self.top_p, self.min_p = temp, top_k, top_p, min_p
+        self.repetition_penalty, self.repetition_context = repetition_penalty, repetition_context
+        self.key = mx.random.key(seed) if seed is not None else None
+
+    @property
+    def greedy(self) -> bool:
+        """Plain argmax: rows with such samplers are sampled together."""
+        return self.temp == 0 and self.repetition_penalty == 1.0
+
+    @property
+    def uses_history(self) -> bool:
+        return self.repetition_penalty != 1.0
+
+    def __call__(self, logits: mx.array, history=()) -> mx.array:
+        logits = logits.astype(mx.float32)
+        if self.uses_history:
+            recent = history[-self.repetition_context :] if len(history) else history
+            logits = apply_repetition_penalty(logits, recent, self.repetition_penalty)
+        if self.temp == 0:
+            return mx.argmax(logits, axis=-1)
+        logits = apply_min_p(apply_top_p(apply_top_k(logits / self.temp, self.top_k), self.top_p), self.min_p)
+        if self.key is None:
+            return mx.random.categorical(logits, axis=-1)
+        self.key, sub = mx.random.split(self.key)
+        return mx.random.categorical(logits, axis=-1, key=sub)
+
+
 def make_sampler(
     temp: float = 0.0,
     top_k: int = 0,
@@ -76,21 +111,6 @@ def make_sampler(
     repetition_penalty: float = 1.0,
     repetition_context: int = 64,
     seed: int | None = None,
-) -> Callable[[mx.array, Sequence[int]], mx.array]:
-    """Return `sample(logits (B, V), history) -> token ids (B,)`. Temperature 0 means greedy."""
-    validate(temp, top_k, top_p, min_p, repetition_penalty)
-    state = {"key": mx.random.key(seed) if seed is not None else None}
-
-    def sample(logits: mx.array, history: Sequence[int] = ()) -> mx.array:
-        logits = logits.astype(mx.float32)
-        if repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, list(history)[-repetition_context:], repetition_penalty)
-        if temp == 0:
-            return mx.argmax(logits, axis=-1)
-        logits = apply_min_p(apply_top_p(apply_top_k(logits / temp, top_k), top_p), min_p)
-        if state["key"] is None:
-            return mx.random.categorical(logits, axis=-1)
-        state["key"], sub = mx.random.split(state["key"])
-        return mx.random.categorical(logits, axis=-1, key=sub)
-
-    return sample
+) -> Sampler:
+    """A `Sampler`: `sample(logits (B, V), history) -> token ids (B,)`. Temperature 0 means greedy."""
+    return Sampler(temp, top_k, top_p, min_p, repetition_penalty, repetition_context, seed)

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig, VisionConfig
-from .model import RMSNorm
+from .norm import RMSNorm
 
 
 class Embeddings(nn.Module):

@@ -38,21 +38,24 @@ def test_chunked_prefill_and_decoding_equal_full_forward_over_many_windows(tiny,
         assert np.abs(run_chunks(model, ids, chunk) - full).max() <= 1e-5, chunk
 
 
-def test_window_ring_holds_only_window_minus_one():
+@pytest.mark.parametrize("K", [0, 3])
+def test_window_ring_holds_window_minus_one_plus_rollback(K):
     W, D = 6, 8
-    c = WindowCache(W)
+    c = WindowCache(W, rollback=K)
+    size = W - 1 + K
     allk = mx.random.normal((1, 1, 40, D))
     seen = 0
     for L in (1, 3, 5, 6, 7, 13, 1, 1, 2):
         k, v = c.update_and_fetch(allk[..., seen : seen + L, :], allk[..., seen : seen + L, :])
         seen += L
-        assert c.offset == seen and c.keys.shape[2] == W - 1
-        assert c.nbytes == 2 * (W - 1) * D * 4
-        assert k.shape[2] == min(seen - L, W - 1) + L  # never more than window-1 plus the chunk
-        # The ring holds exactly the last W-1 keys, each in slot position % (W-1).
+        assert c.offset == seen and c.keys.shape[2] == size
+        assert c.nbytes == 2 * size * D * 4
+        # Chunks of up to K are written first and read from the ring; longer ones are appended to it.
+        assert k.shape[2] == (min(seen, size) if L <= K else min(seen - L, size) + L)
+        # The ring holds exactly the last window-1+K keys, each in slot position % size.
         held = np.array(c.keys[0, 0])
-        for p in range(max(0, seen - (W - 1)), seen):
-            assert np.array_equal(held[p % (W - 1)], np.array(allk[0, 0, p]))
+        for p in range(max(0, seen - size), seen):
+            assert np.array_equal(held[p % size], np.array(allk[0, 0, p]))
 
 
 def test_global_cache_grows_without_quadratic_copying():

@@ -29,7 +29,7 @@ def test_turns_process_only_new_tokens_and_retry_runs_nothing(session_parts, tmp
     n1 = chat.last.prompt_tokens
     assert chat.last.prefill_tokens == n1
     first_reply = chat.messages[-1]
-    fed = len(first_reply["ids"]) - (chat.last.finish_reason == "length")  # a length-cut reply's last token never ran
+    fed = len(first_reply["ids"])  # every reply token is in the cache, a length-cut reply's last one included
     second = text(chat.send("And of Italy?"))
     assert chat.last.prompt_tokens > n1 + 6
     # Exactly the tokens the cache does not hold: the reply is reused as generated, not re-tokenized.
@@ -203,12 +203,12 @@ def test_terminal_ctrl_c_stops_the_reply_and_keeps_the_session(gemma3_home):
 
 def test_images_stay_in_their_turn_and_are_reused(seeing_270m_dir):
     """An image sent with turn 1 stays in turn 1 when turn 2 is rendered, so turn 2 runs only its own tokens."""
-    from gemma3_mlx.prompt_cache import _image_spans
+    from gemma3_mlx.model import image_spans_of as _image_spans
 
     model, tok = gemma3_mlx.load(seeing_270m_dir)
     chat = ChatSession(model, tok, max_tokens=4)
     text(chat.send("What is this?", images=[FIXTURES / "images" / "rgb.png"]))
-    n1, fed = chat.last.prompt_tokens, len(chat.messages[-1]["ids"]) - (chat.last.finish_reason == "length")
+    n1, fed = chat.last.prompt_tokens, len(chat.messages[-1]["ids"])
     ids_after_turn_1 = list(chat.cache.tokens)
     text(chat.send("And the colours?"))
     assert chat.last.prefill_tokens == chat.last.prompt_tokens - n1 - fed

@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from gemma3_mlx.cache import KVCache, WindowCache
+from gemma3_mlx.cache import ROLLBACK, KVCache, WindowCache
 from gemma3_mlx.prompt_cache import PromptCache
 from gemma3_mlx.loader import load_model
 
@@ -74,7 +74,7 @@ def test_make_cache_kinds_and_nbytes(tiny_dirs):
     for c in cache:
         assert c.offset == L
         if isinstance(c, WindowCache):
-            assert c.nbytes == (W - 1) * per_token  # local layers hold only the window
+            assert c.nbytes == (W - 1 + ROLLBACK) * per_token  # local layers hold only the window (+ rollback)
         else:
             assert L * per_token <= c.nbytes <= max(L, KVCache.step) * per_token
 
