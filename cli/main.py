@@ -8,16 +8,29 @@ only on a terminal (and never with NO_COLOR set); `--quiet` keeps only the outpu
 
 from __future__ import annotations
 
+import atexit
 import os
+import statistics
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+import mlx.core as mx
 import typer
 
+# The runtime is imported with the package (gemma3_mlx/__init__.py), so these cost nothing extra;
+# only the converter (gguf, ~80 ms) is imported inside the commands that use it.
+from ..cache import kv_bytes
+from ..chat import ChatSession
 from ..errors import Gemma3Error
+from ..generate import stream_generate
+from ..image import load_image
+from ..loader import load, load_config
+from ..models import cache_dir, models_dir, resolve
+from ..prompt_cache import PromptCache
 
 app = typer.Typer(
     add_completion=False,
@@ -63,7 +76,7 @@ QuietOpt = typer.Option(False, "--quiet", help="Print only the output (and error
 def set_quiet(quiet: bool) -> None:
     UI.quiet = quiet
     if quiet:
-        from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils import disable_progress_bars  # third-party, needed only with --quiet
 
         disable_progress_bars()
 
@@ -109,8 +122,6 @@ class Progress:
 
 
 def resolve_model(model: Optional[str]) -> Path:
-    from ..models import resolve
-
     label = "Converting the default model (first use only)" if model is None else f"Converting {model}"
     return resolve(model, progress=Progress(label), note=note)
 
@@ -144,14 +155,9 @@ def generate(
 
     With a vision model: gemma3 generate -m gemma-3-4b-it-mlx --image photo.jpg "What is in this picture?"
     """
-    from ..generate import stream_generate
-    from ..loader import load
-
     set_quiet(quiet)
     with user_errors():
         if image:
-            from ..image import load_image
-
             image = [load_image(p) for p in image]  # fail fast, before loading the model
         model_obj, tokenizer = load(resolve_model(model), dtype=dtype)
         if tokenizer is None:
@@ -193,7 +199,7 @@ def convert(
 
     Example: gemma3 convert google/gemma-3-1b-it -o gemma-3-1b-it-4bit --recipe balanced
     """
-    from ..convert import convert as run
+    from ..convert import convert as run  # lazy: see the imports at the top
 
     set_quiet(quiet)
     with user_errors():
@@ -220,15 +226,13 @@ def check(
 
     Example: gemma3 check gemma-3-1b-it-4bit --reference gemma-3-1b-it
     """
-    from ..convert.quality import check as run
+    from ..convert import check as run  # lazy: see the imports at the top
 
     with user_errors():
         print_quality(run(model, reference))
 
 def _describe(path: Path) -> tuple[str, float, str]:
     """(kind, size in MB, precision) of a model directory."""
-    from ..loader import load_config
-
     c = load_config(path)
     size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
     q = c.quantization
@@ -247,8 +251,6 @@ def models():
 
     Example: gemma3 models
     """
-    from ..models import models_dir
-
     with user_errors():
         root = models_dir()
         found = sorted(p for p in root.glob("*") if (p / "config.json").exists()) if root.exists() else []
@@ -265,9 +267,6 @@ def info(model: Optional[str] = typer.Argument(None, help="Model directory or .g
 
     Example: gemma3 info gemma-3-1b-it-q5
     """
-    from ..cache import kv_bytes
-    from ..loader import load_config
-
     with user_errors():
         path = resolve_model(model)
         c = load_config(path)
@@ -300,15 +299,7 @@ def bench(
 
     Example: gemma3 bench --prompt-tokens 1024 --gen-tokens 64 --context 8192
     """
-    import statistics
-    import time
-
-    import mlx.core as mx
-
-    from ..convert.quality import TEXT
-    from ..generate import generate_tokens
-    from ..loader import load
-    from ..prompt_cache import PromptCache
+    from ..convert.quality import TEXT  # lazy: see the imports at the top
 
     set_quiet(quiet)
     with user_errors():
@@ -326,11 +317,10 @@ def bench(
             if context:
                 pc.prefill(ids[:context])  # the conversation so far: not timed
             mx.reset_peak_memory()
-            stats = {}
-            n = sum(1 for _ in generate_tokens(model_obj, ids, cache=pc, max_tokens=gen_tokens, stop_ids=(), stats=stats))
-            end = time.perf_counter()
-            rows.append((stats["prefill_tokens"] / stats["prompt_time"], (n - 1) / (end - stats["decode_start"]),
-                         stats["prompt_time"], mx.get_peak_memory() / 1e9, pc.nbytes))
+            for last in stream_generate(model_obj, tokenizer, ids, cache=pc, max_tokens=gen_tokens, stop_ids=()):
+                pass
+            s = last.stats
+            rows.append((s.prompt_tps, s.generation_tps, s.prompt_time, mx.get_peak_memory() / 1e9, pc.nbytes))
         depth = f" after {context} tokens of context" if context else ""
         typer.echo(f"{prompt_tokens} prompt tokens{depth}, {gen_tokens} generated, {repeats} runs (min / median)")
         for i, (label, fmt) in enumerate([("prefill tok/s", "{:.1f}"), ("decode tok/s", "{:.2f}"),
@@ -361,16 +351,11 @@ def chat(
 
     Example: gemma3 chat -m gemma-3-1b-it-q5 --system "Answer briefly."
     """
-    from ..chat import ChatSession
-    from ..loader import load
-
     interactive = sys.stdin.isatty()
     set_quiet(quiet)
     with user_errors():
         pending = [str(p) for p in image or []]
         if pending:
-            from ..image import load_image
-
             for p in pending:  # fail fast, before loading the model
                 load_image(p)
         model_obj, tokenizer = load(resolve_model(model))
@@ -421,8 +406,6 @@ def chat(
                 elif cmd == "/system":
                     session.system = arg or None
                 elif cmd == "/image":
-                    from ..image import load_image
-
                     load_image(arg)
                     pending.append(arg)
                 elif cmd == "/save":
@@ -453,10 +436,6 @@ def chat(
 
 def _keep_history(readline) -> None:
     """Up-arrow history across chats, in the cache directory (best effort: a read-only home is fine)."""
-    import atexit
-
-    from ..models import cache_dir
-
     path = cache_dir() / "chat_history"
     readline.set_history_length(1000)
     try:

@@ -10,10 +10,14 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+import gguf
 import numpy as np
+from gguf.quants import dequantize
 
 from ..config import GLOBAL, LOCAL, ModelConfig
 from ..errors import ConversionError
+from .gguf_blocks import MLX_EXACT, to_mlx_affine
+from .gguf_tokenizer import sentencepiece_model_from_gguf
 from .tensors import FloatTensor, QuantizedTensor
 
 # GGUF tensor name -> MLX parameter name (within model.layers.N where it has a block number).
@@ -50,8 +54,6 @@ class GGUFSource:
     """An opened, validated Gemma 3 GGUF file."""
 
     def __init__(self, path: str | Path):
-        import gguf
-
         self.path = Path(path)
         try:
             self.reader = gguf.GGUFReader(self.path)
@@ -110,10 +112,6 @@ class GGUFSource:
         With `native`, blocks that map exactly onto MLX groups of 32 come as `QuantizedTensor`s
         at their own bits instead (no dequantize/requantize round trip).
         """
-        from gguf.quants import dequantize
-
-        from .gguf_blocks import MLX_EXACT, to_mlx_affine
-
         for t in self.reader.tensors:
             name = mlx_name(t.name)
             if name is None:
@@ -129,8 +127,6 @@ class GGUFSource:
             yield name, (FloatTensor(w, t.tensor_type.name) if native else w)
 
     def tokenizer_model(self) -> bytes:
-        from .gguf_tokenizer import sentencepiece_model_from_gguf
-
         try:
             return sentencepiece_model_from_gguf(self.reader)
         except ValueError as e:

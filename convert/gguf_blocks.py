@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from .quantize import pack
+from ..packing import pack
 
 GROUP_SIZE = 32
 

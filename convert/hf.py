@@ -9,8 +9,9 @@ import mlx.core as mx
 
 from ..config import ModelConfig
 from ..errors import ConversionError
-from ..loader import load_config, sanitize_name
-from .safetensors_io import SafetensorsFile, checkpoint_files
+from ..loader import load_config
+from ..safetensors_io import SafetensorsFile, checkpoint_files
+from ..weights import checkpoint_weights, sanitize_name
 
 
 class HFSource:
@@ -29,16 +30,8 @@ class HFSource:
         return sum(sanitize_name(n) is not None or vision for f in self.files for n in f.names)
 
     def tensors(self, native: bool = False) -> Iterator[tuple[str, mx.array]]:
-        from ..vision import sanitize_vision
-
-        vision = self._config.vision is not None
-        for f in self.files:
-            for k in f.names:
-                name = sanitize_name(k)
-                if name is not None:
-                    yield name, f.get(k)
-                elif vision:  # the vision tower in MLX layout, at the checkpoint's precision
-                    yield from sanitize_vision({k: f.get(k)}, dtype=None).items()
+        """(MLX name, tensor) at the checkpoint's precision; the vision tower in MLX layout."""
+        return checkpoint_weights(self.files, vision=self._config.vision is not None)
 
     def tokenizer_model(self) -> bytes | None:
         f = self.path / "tokenizer.model"

@@ -11,6 +11,7 @@ largest tensor plus one output shard. What each tensor becomes:
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +21,10 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from ..errors import ConversionError, ModelFileError
+from ..errors import ConversionError
+from .quality import check_against_source
+from .quantize import quantize
+from .sources import open_source
 from .tensors import FloatTensor, QuantizedTensor
 from .writer import ShardWriter, atomic_directory, write_config
 
@@ -54,24 +58,6 @@ class ConversionReport:
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.n_bytes / max(self.n_params, 1)
-
-
-def open_source(source: str | Path):
-    from .gguf import GGUFSource
-    from .hf import HFSource
-
-    from .hub import download, looks_like_hub_id
-
-    p = Path(source).expanduser()
-    if not p.exists() and looks_like_hub_id(str(source)):
-        p = download(str(source))
-    if not p.exists():
-        raise ModelFileError(f"{p}: no such file or directory")
-    if p.is_file():
-        if p.suffix.lower() != ".gguf":
-            raise ConversionError(f"{p}: expected a .gguf file or a Hugging Face model directory")
-        return GGUFSource(p)
-    return HFSource(p)
 
 
 def is_matrix(name: str, shape) -> bool:
@@ -132,8 +118,6 @@ def convert(
     progress: Callable[[int, int], None] | None = None,
 ) -> ConversionReport:
     """Convert `source` into the MLX model directory `out`. Never modifies `source`."""
-    from .quantize import quantize
-
     validate(bits, group_size, recipe, dtype)
     src = open_source(source)
     out = Path(out).expanduser()
@@ -188,8 +172,6 @@ def convert(
         if tokenizer is not None:
             (tmp / "tokenizer.model").write_bytes(tokenizer)
         if check:
-            from .quality import check_against_source
-
             report.quality = check_against_source(tmp, src)
     return report
 
@@ -223,8 +205,6 @@ def _float_target(name, t, origin, is_gguf) -> str:
 
 def _with_quantization(config, settings: dict[str, dict]):
     """Record the most common (bits, group_size) as the default and the rest per module."""
-    import dataclasses
-
     common = Counter((s["bits"], s["group_size"]) for s in settings.values()).most_common(1)[0][0]
     q = {"mode": "affine", "bits": common[0], "group_size": common[1]}
     q.update({m: s for m, s in settings.items() if (s["bits"], s["group_size"]) != common})

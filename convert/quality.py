@@ -7,10 +7,16 @@ per position, averaged. It does not judge generated text.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from ..loader import load_config, load_model, load_tokenizer
+from ..model import Model
+from .sources import open_source
 
 # Original prose, varied on purpose (narrative, numbers, a list, a little code), ~300 tokens.
 TEXT = """The lighthouse keeper kept a ledger of every ship that passed the point, and by the third winter the ledger had grown into something closer to a diary. On clear nights he wrote about the colour of the water, the smell of the kelp drying on the rocks, and the slow, patient arithmetic of the tides: two highs and two lows each day, each arriving roughly fifty minutes later than the day before.
@@ -26,11 +32,7 @@ def next_high(previous_minutes):
 
 
 def reference_model(src, dtype=mx.float32):
-    """A float model built from a converter source (see pipeline.open_source), dequantized."""
-    import dataclasses
-
-    from ..model import Model
-
+    """A float model built from a converter source (see sources.open_source), dequantized."""
     config = dataclasses.replace(src.config(), quantization=None)
     model = Model(config)
     model.load_weights([(n, mx.array(t).astype(dtype)) for n, t in src.tensors(native=False)], strict=True)
@@ -61,14 +63,11 @@ def _log_softmax(logits: mx.array) -> mx.array:
 
 
 def check_against_source(model_dir: Path, src) -> dict:
-    from ..loader import load_model, load_tokenizer
-
-    model = load_model(model_dir, dtype="float32")
-    import warnings
-
+    config = load_config(model_dir)
+    model = load_model(model_dir, dtype="float32", config=config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tok = load_tokenizer(model_dir)
+        tok = load_tokenizer(model_dir, config=config)
     ids = eval_ids(tok, model.config.text.vocab_size)
     result = compare(model, reference_model(src), ids)
     return result
@@ -76,6 +75,4 @@ def check_against_source(model_dir: Path, src) -> dict:
 
 def check(model: str | Path, reference: str | Path) -> dict:
     """`gemma3 check MODEL --reference SOURCE`: SOURCE is a checkpoint, GGUF, or float MLX directory."""
-    from .pipeline import open_source
-
     return check_against_source(Path(model), open_source(reference))

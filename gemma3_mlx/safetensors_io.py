@@ -1,7 +1,8 @@
 """Read safetensors files one tensor at a time, without torch and without loading the whole file.
 
 The header is parsed and checked against the file size up front, so a truncated or corrupted
-file fails with one clear message before any output is written. Only safetensors: never pickle.
+file fails with one clear message before any tensor is read. Only safetensors: never pickle.
+Shared by the loader and the converter; writing is `mx.save_safetensors` (convert/writer.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..errors import ModelFileError
+from .errors import ModelFileError
 
 _NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
           "I64": np.int64, "I32": np.int32, "U32": np.uint32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}

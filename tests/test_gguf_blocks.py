@@ -10,7 +10,7 @@ import pytest
 from gguf.quants import dequantize, quantize
 
 from gemma3_mlx.convert.gguf_blocks import GROUP_SIZE, MLX_EXACT, to_mlx_affine
-from gemma3_mlx.convert.quantize import pack
+from gemma3_mlx.packing import pack
 
 T = gguf.GGMLQuantizationType
 QUANTIZABLE = {T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1}  # gguf 0.19 cannot quantize K-quants

@@ -5,7 +5,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from gemma3_mlx.convert.quantize import BITS, GROUP_SIZES, dequantize, pack, quantize, unpack
+from gemma3_mlx.convert.quantize import BITS, GROUP_SIZES, dequantize, quantize
+from gemma3_mlx.packing import pack, unpack
 
 
 def weights(kind: str, shape=(64, 512), seed=0) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from gemma3_mlx.config import ModelConfig
-from gemma3_mlx.convert.safetensors_io import SafetensorsFile
+from gemma3_mlx.safetensors_io import SafetensorsFile
 from gemma3_mlx.vision import Projector, VisionTower, encode_images, sanitize_vision
 
 from conftest import FIXTURES

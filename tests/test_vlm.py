@@ -82,7 +82,7 @@ def test_prefix_reuse_stops_at_a_different_image(vlm_dirs):
 def test_vision_tower_stays_float_when_text_is_quantized(vlm_dirs):
     cfg = json.loads((vlm_dirs["q8"] / "config.json").read_text())
     assert cfg["quantization"]["bits"] == 8 and cfg["model_type"] == "gemma3"
-    from gemma3_mlx.convert.safetensors_io import SafetensorsFile, checkpoint_files
+    from gemma3_mlx.safetensors_io import SafetensorsFile, checkpoint_files
 
     names = {n: f for f in checkpoint_files(vlm_dirs["q8"]) for n in SafetensorsFile(f).names}
     assert "model.layers.0.self_attn.q_proj.scales" in names
@@ -102,7 +102,7 @@ def test_vision_tower_quantized_to_8_bits_on_request(tmp_path, dequantize):
     q = json.loads((r.out / "config.json").read_text())["quantization"]
     s = q.get("vision_tower.encoder.layers.0.mlp.fc1", q)
     assert (s["bits"], s["group_size"]) == (8, 32)
-    from gemma3_mlx.convert.safetensors_io import SafetensorsFile, checkpoint_files
+    from gemma3_mlx.safetensors_io import SafetensorsFile, checkpoint_files
 
     names = {n for f in checkpoint_files(r.out) for n in SafetensorsFile(f).names}
     assert "vision_tower.encoder.layers.0.self_attn.q_proj.scales" in names

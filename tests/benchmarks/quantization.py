@@ -38,7 +38,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from gemma3_mlx.convert import RECIPES, convert
 from gemma3_mlx.convert.quality import compare, eval_ids
-from gemma3_mlx.convert.safetensors_io import SafetensorsFile
+from gemma3_mlx.safetensors_io import SafetensorsFile
 
 
 def count_params(directory: Path) -> int:
