@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import mlx.core as mx
 
 from .engine import STOP_IDS, Engine, Event, Stats
-from .prompt import build_prompt
+from .prompt import prompt_ids
 from .prompt_cache import PromptCache
 from .sample import Sampler, make_sampler
 from .tokenizer import StreamingDetokenizer
@@ -78,18 +78,6 @@ def generate_tokens(
     engine.submit(prompt_ids, max_tokens=max_tokens, sampler=sampler, stop_ids=stop_ids, images=images, cache=cache)
     for event in _run(engine):
         yield event.token
-
-
-def prompt_ids(tokenizer, config, prompt, images=None, pan_and_scan: bool = False) -> tuple[list[int], list | None]:
-    """(ids, image blocks) for raw text (BOS added), token ids, or chat messages."""
-    if images:
-        ids, blocks = build_prompt(tokenizer, prompt, config, images, pan_and_scan)
-        return ids, blocks
-    if isinstance(prompt, str):
-        return tokenizer.encode(prompt), None
-    if prompt and isinstance(prompt[0], dict):
-        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True), None
-    return [int(t) for t in prompt], None
 
 
 def _sampler(sampler, temp, top_k, top_p, min_p, repetition_penalty, seed) -> Sampler:

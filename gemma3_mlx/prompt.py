@@ -20,6 +20,18 @@ def image_block_text(tokens_per_image: int) -> str:
     return f"\n\n{MARKER}{IMAGE_SOFT_TOKEN * tokens_per_image}<end_of_image>\n\n"
 
 
+def prompt_ids(tokenizer, config, prompt, images=None, pan_and_scan: bool = False) -> tuple[list[int], list | None]:
+    """(ids, image blocks or None) for raw text (BOS added), token ids, or chat messages: the one
+    place a prompt of any kind becomes ids."""
+    if images:
+        return build_prompt(tokenizer, prompt, config, images, pan_and_scan)
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt), None
+    if prompt and isinstance(prompt[0], dict):
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True), None
+    return [int(t) for t in prompt], None
+
+
 def build_prompt(tokenizer, prompt, config, images=(), pan_and_scan: bool = False, **pan_and_scan_args):
     """(ids, image blocks) for raw text or chat messages, and images (paths, bytes or PIL images)."""
     if config.vision is None and images:

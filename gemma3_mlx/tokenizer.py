@@ -42,7 +42,6 @@ class Tokenizer:
         self.bos_id, self.unk_id = sp.bos_id(), sp.unk_id()
         self.start_of_turn_id = sp.piece_to_id("<start_of_turn>")
         self.end_of_turn_id = sp.piece_to_id("<end_of_turn>")
-        self.eos_ids = frozenset({self.eos_id, self.end_of_turn_id})  # either one ends a reply
         self.boi_token_index, self.eoi_token_index = boi_token_index, eoi_token_index
         self.image_token_index = image_token_index
 

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import gguf
 import pytest
+
+import gemma3_mlx
 import sentencepiece as spm
 
 from gemma3_mlx.convert.gguf_tokenizer import sentencepiece_model_from_gguf
@@ -87,7 +89,7 @@ def test_gguf_with_bpe_tokenizer_raises(tmp_path):
 def test_special_ids(tok):
     assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id) == (0, 1, 2, 3)
     assert (tok.start_of_turn_id, tok.end_of_turn_id) == (105, 106)
-    assert tok.eos_ids == {1, 106}
+    assert {tok.eos_id, tok.end_of_turn_id} == set(gemma3_mlx.STOP_IDS)  # what ends a reply, owned by the engine
     assert tok.vocab_size == 262144
 
 
