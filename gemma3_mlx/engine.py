@@ -25,6 +25,7 @@ import mlx.core as mx
 from .cache import ROLLBACK
 from .prompt_cache import PromptCache
 from .sample import Sampler, make_sampler
+from .speculate import accept_greedy, accept_sampled
 
 STOP_IDS = (1, 106)  # <eos>, <end_of_turn>: the one list of default stop tokens
 
@@ -38,6 +39,18 @@ class Stats:
     prompt_time: float = 0.0  # submit (or join) to the first token
     generation_tokens: int = 0
     generation_time: float = 0.0  # first token to this event
+    draft_tokens: int = 0  # speculative decoding: tokens proposed,
+    accepted_tokens: int = 0  # ... kept,
+    target_steps: int = 0  # ... and target forward passes that checked them
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted_tokens / max(self.draft_tokens, 1)
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens produced per target forward pass while speculating (1.0 without)."""
+        return (self.accepted_tokens + self.target_steps) / max(self.target_steps, 1)
 
     @property
     def prompt_tps(self) -> float:
@@ -64,7 +77,7 @@ class Event:
 
 
 class _Sequence:
-    def __init__(self, uid, prompt, cache, sampler, max_tokens, stop_ids, logprobs, steps):
+    def __init__(self, uid, prompt, cache, sampler, max_tokens, stop_ids, logprobs, steps, draft=None, k=0):
         self.uid, self.prompt, self.cache, self.sampler = uid, prompt, cache, sampler
         self.max_tokens, self.stop_ids, self.logprobs = max_tokens, frozenset(stop_ids), logprobs
         self.steps = steps  # the prompt cache's prefill, one chunk per next()
@@ -72,6 +85,9 @@ class _Sequence:
         self.history = None  # prompt + sampled tokens on the device, for a repetition penalty
         self.cancelled = False
         self.lp_pending = self.lp_next = None  # lazy log-probabilities of the pending / next token
+        self.draft, self.k, self.k_max = draft, k, k  # speculative decoding: proposer, tokens per round
+        self.proposed = self.accepted = self.rounds = 0
+        self.spent = [0.0, 0.0, 1.0]  # recent seconds proposing, checking, and tokens gained per round
         self.t_submit = time.perf_counter()
         self.t_first = None
         self.prompt_time = 0.0
@@ -79,7 +95,7 @@ class _Sequence:
     def stats(self) -> Stats:
         now = time.perf_counter()
         return Stats(len(self.prompt), self.cache.reprocessed, self.prompt_time, len(self.tokens),
-                     now - self.t_first if self.t_first else 0.0)
+                     now - self.t_first if self.t_first else 0.0, self.proposed, self.accepted, self.rounds)
 
 
 class Engine:
@@ -106,6 +122,7 @@ class Engine:
                            "rollback": rollback}
         self.waiting: deque[_Sequence] = deque()
         self.rows: list[_Sequence] = []  # decoding, in batch order
+        self.spec: list[_Sequence] = []  # decoding speculatively, each on its own caches
         self.layers: list | None = None  # the batch's caches, rows in `rows` order
         self.pending: mx.array | None = None  # (B,) sampled tokens, not yet fed nor read
         self._uids = itertools.count()
@@ -113,11 +130,14 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def submit(self, prompt, *, max_tokens: int = 256, sampler: Sampler | None = None, stop_ids=STOP_IDS,
-               images: list | None = None, cache: PromptCache | None = None, logprobs: int | None = None) -> int:
+               images: list | None = None, cache: PromptCache | None = None, logprobs: int | None = None,
+               draft=None, draft_tokens: int = 4) -> int:
         """Queue a sequence; returns its uid. `prompt`: token ids (image blocks expanded, with one
         preprocessed image per block in `images`). `cache`: a PromptCache to continue (its common
         prefix with the prompt is reused, and it holds prompt + reply afterwards). `logprobs`: also
-        report each token's log-probability and this many alternatives (0-20)."""
+        report each token's log-probability and this many alternatives (0-20). `draft`: a proposer
+        (speculate.DraftModel or PromptLookup) for speculative decoding, starting at `draft_tokens`
+        per round (adapted to the acceptance, at most the caches' rollback)."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
         if logprobs is not None and not 0 <= logprobs <= 20:
@@ -128,20 +148,23 @@ class Engine:
             raise ValueError(f"this cache was made with {cache.cache_args}, the engine batches {self.cache_args}")
         prompt = [int(t) for t in prompt]
         steps = cache.prefill_steps(prompt, self.prefill_chunk, images)
+        if draft is not None and logprobs is not None:
+            raise ValueError("logprobs are not reported while speculating")
+        k = max(1, min(draft_tokens, self.cache_args["rollback"]))
         seq = _Sequence(next(self._uids), prompt, cache, sampler or make_sampler(), max_tokens, stop_ids, logprobs,
-                        steps)
+                        steps, draft, k)
         self.waiting.append(seq)
         return seq.uid
 
     def cancel(self, uid: int) -> None:
         """Stop a sequence at the next step (its cache keeps what it produced so far)."""
-        for seq in itertools.chain(self.waiting, self.rows):
+        for seq in itertools.chain(self.waiting, self.rows, self.spec):
             if seq.uid == uid:
                 seq.cancelled = True
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.rows)
+        return bool(self.waiting or self.rows or self.spec)
 
     def close(self) -> None:
         """Cancel everything; every sequence's cache is left consistent."""
@@ -149,6 +172,9 @@ class Engine:
             seq.steps.close()
         self.waiting.clear()
         self._leave([(i, None) for i in range(len(self.rows))], None)
+        for seq in self.spec:
+            self._finish_spec(seq, None)
+        self.spec.clear()
 
     # ------------------------------------------------------------------ the loop
 
@@ -162,7 +188,13 @@ class Engine:
         if gone:
             events += [Event(self.rows[i].uid, None, "cancelled", self.rows[i].stats()) for i, _ in gone]
             self._leave(gone, self.pending)
-        self._prefill()
+        for seq in [s for s in self.spec if s.cancelled]:
+            self.spec.remove(seq)
+            self._finish_spec(seq, "cancelled")
+            events.append(Event(seq.uid, None, "cancelled", seq.stats()))
+        events += self._prefill()
+        for seq in list(self.spec):
+            events += self._round(seq)
         if not self.rows:
             return events
         try:
@@ -185,9 +217,9 @@ class Engine:
             self._leave(leaving, new)
         return events
 
-    def _prefill(self) -> None:
+    def _prefill(self) -> list[Event]:
         """One prefill chunk of the next waiting sequence (all of it while nothing decodes)."""
-        while self.waiting and len(self.rows) < self.max_batch:
+        while self.waiting and len(self.rows) + len(self.spec) < self.max_batch:
             seq = self.waiting[0]
             try:
                 logits = next(seq.steps)
@@ -196,9 +228,12 @@ class Engine:
                 raise
             if logits is not None:
                 self.waiting.popleft()
-                self._join(seq, logits)
-            if self.rows:
-                return
+                events = self._join(seq, logits)
+                if events is not None:
+                    return events
+            if self.rows or self.spec:
+                return []
+        return []
 
     def _join(self, seq: _Sequence, logits: mx.array) -> None:
         if seq.sampler.uses_history:
@@ -213,12 +248,101 @@ class Engine:
         seq.cache.snapshot(logits)  # end of the prompt: regenerating the reply starts here
         if seq.history is not None:
             seq.history = mx.concatenate([seq.history, first])
+        if seq.draft is not None:  # speculative rows run their own rounds; the first token is known
+            return self._emit_spec(seq, [first.item()])
+        self._merge(seq, first)
+
+    def _merge(self, seq: _Sequence, first: mx.array) -> None:
+        """Add a row to the batch, `first` (1,) being its next token to feed."""
         if self.layers is None:
             self.layers, self.pending = seq.cache.layers, first
         else:
             self.layers = [a.merge(b) for a, b in zip(self.layers, seq.cache.layers)]
             self.pending = mx.concatenate([self.pending, first])
         self.rows.append(seq)
+
+    # ------------------------------------------------------------------ speculation
+
+    def _round(self, seq: _Sequence) -> list[Event]:
+        """One speculative round of one row: propose k tokens, check them all in one target pass, keep
+        those the target agrees with plus its own next token, and take the rest back from the caches.
+        Before a round the row's cache holds prompt + tokens[:-1]; after it, prompt + tokens[:-1] again."""
+        ctx = seq.prompt + seq.tokens
+        t0 = time.perf_counter()
+        try:
+            drafts, q = seq.draft.propose(ctx, seq.k, seq.sampler)
+        except ValueError:  # e.g. past the draft model's context: go on without drafting
+            drafts, q, seq.rounds = [], None, max(seq.rounds, 8)
+        vocab = self.model.config.text.vocab_size  # a guess the target has no row for ends the guesses
+        n = next((i for i, t in enumerate(drafts[: seq.k]) if t >= vocab), min(len(drafts), seq.k))
+        drafts, q = drafts[:n], (q[:n, :vocab] if q is not None else None)
+        t1 = time.perf_counter()
+        logits = seq.cache.feed([ctx[-1]] + drafts, logits="all")  # (k+1, V)
+        if seq.sampler.greedy:
+            out = accept_greedy(logits, drafts)
+        else:
+            if seq.sampler.uses_history:  # each position is penalized by what precedes it
+                p = mx.concatenate([seq.sampler.probs(logits[i : i + 1], ctx + drafts[:i])
+                                    for i in range(len(drafts) + 1)])
+            else:
+                p = seq.sampler.probs(logits)
+            out = accept_sampled(p, q, drafts, seq.sampler.next_key())
+        kept = len(out) - 1
+        seq.cache.trim(len(drafts) - kept)
+        t2 = time.perf_counter()
+        seq.proposed, seq.accepted, seq.rounds = seq.proposed + len(drafts), seq.accepted + kept, seq.rounds + 1
+        # Recent cost of proposing and of checking, and tokens gained per round (decaying averages).
+        seq.spent = [0.7 * a + 0.3 * b for a, b in zip(seq.spent, (t1 - t0, t2 - t1, kept + 1))]
+        if drafts:  # grow k while everything is kept; otherwise just past what was kept
+            seq.k = min(seq.k + 1, seq.k_max) if kept == len(drafts) else max(1, kept + 1)
+        events = self._emit_spec(seq, out)
+        if seq in self.spec and seq.rounds >= 8 and not self._paying(seq):
+            self._to_plain(seq)
+        return events
+
+    @staticmethod
+    def _paying(seq: _Sequence) -> bool:
+        """Speculation pays when the acceptance holds up (>= 40%) and the tokens a round gains beat
+        what the round costs over a plain step (checking k+1 tokens costs about one plain step)."""
+        draft_time, check_time, gained = seq.spent
+        if seq.accepted < 0.4 * seq.proposed:
+            return False
+        return gained * check_time > draft_time + check_time
+
+    def _emit_spec(self, seq: _Sequence, out: list[int]) -> list[Event]:
+        if seq not in self.spec:
+            self.spec.append(seq)
+        events = []
+        for tok in out:
+            seq.tokens.append(tok)
+            finish = "stop" if tok in seq.stop_ids else "length" if len(seq.tokens) >= seq.max_tokens else None
+            events.append(Event(seq.uid, tok, finish, seq.stats()))
+            if finish:
+                self.spec.remove(seq)
+                self._finish_spec(seq, finish)
+                break
+        return events
+
+    @staticmethod
+    def _finish_spec(seq: _Sequence, finish: str | None) -> None:
+        """The row's cache ends holding prompt + reply (at most its last token not yet run)."""
+        extra = len(seq.cache.tokens) - (len(seq.prompt) + len(seq.tokens) - (finish == "stop"))
+        if extra > 0:
+            seq.cache.trim(extra)
+        seq.cache.snapshot()
+
+    def _to_plain(self, seq: _Sequence) -> None:
+        """Speculation does not pay for this row: it joins the batch and decodes one token a step."""
+        self.spec.remove(seq)
+        seq.draft = None
+        logits = seq.cache.feed(seq.tokens[-1:])  # the last token out was never run: its successor is pending
+        history = ()
+        if seq.sampler.uses_history:
+            history = seq.history = mx.array(seq.prompt + seq.tokens)
+        nxt = seq.sampler(logits, history)
+        if seq.history is not None:
+            seq.history = mx.concatenate([seq.history, nxt])
+        self._merge(seq, nxt)
 
     def _decode(self):
         """Queue one step for every row from the pending (lazy) tokens; returns the next tokens."""

@@ -17,6 +17,7 @@ from .engine import STOP_IDS, Engine, Event, Stats
 from .prompt import prompt_ids
 from .prompt_cache import PromptCache
 from .sample import Sampler, make_sampler
+from .speculate import DraftModel, PromptLookup
 from .tokenizer import StreamingDetokenizer
 
 
@@ -126,6 +127,10 @@ def stream_generate(
     images: list | None = None,
     pan_and_scan: bool = False,
     logprobs: int | None = None,
+    draft_model=None,
+    prompt_lookup: bool = False,
+    draft=None,
+    draft_tokens: int = 4,
 ) -> Iterator[GenerationResponse]:
     """Stream text for `prompt`: raw text (BOS added), a list of token ids, or chat messages
     (`[{"role": "user", "content": "..."}]`, rendered with Gemma's chat format).
@@ -134,7 +139,11 @@ def stream_generate(
     Pass a `PromptCache` to reuse work across calls (multi-turn chat, a shared document), and a
     `sampler` (`make_sampler(...)`) to keep one random stream across calls instead of `seed`.
     `images` (paths, bytes or PIL images) go where the text says `<start_of_image>`, else before
-    the last user message; `pan_and_scan` adds the reference's crops of large or wide images."""
+    the last user message; `pan_and_scan` adds the reference's crops of large or wide images.
+    Speculative decoding (same output, greedy token for token, sampled in distribution): `draft_model`
+    (a smaller Gemma 3 sharing the tokenizer), `prompt_lookup=True` (guesses copied from the context),
+    or `draft` (a `speculate.DraftModel` / `PromptLookup` kept across calls, e.g. with the draft's own
+    prompt cache); `draft_tokens` guesses per round to start with (adapted as it goes)."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
     sampler = _sampler(sampler, temp, top_k, top_p, min_p, repetition_penalty, seed)
@@ -142,8 +151,12 @@ def stream_generate(
     mx.reset_peak_memory()
     pc = PromptCache(model) if cache is None else cache
     engine = Engine(model, max_batch=1, prefill_chunk=prefill_chunk)
+    if draft is None and draft_model is not None:
+        draft = DraftModel(draft_model)
+    elif draft is None and prompt_lookup:
+        draft = PromptLookup()
     engine.submit(ids, max_tokens=max_tokens, sampler=sampler, stop_ids=stop_ids, images=blocks, cache=pc,
-                  logprobs=logprobs)
+                  logprobs=logprobs, draft=draft, draft_tokens=draft_tokens)
     pieces = _Pieces(tokenizer, pc)
     for event in _run(engine):
         yield from pieces(event)

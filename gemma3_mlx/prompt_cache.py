@@ -134,7 +134,8 @@ class PromptCache:
 
     def feed(self, ids: list[int], logits: str = "last", image_features: mx.array | None = None,
              image_spans=None):
-        """Run ids through the model on top of the cache; logits of the last position or None."""
+        """Run ids through the model on top of the cache: logits of the last position (1, V), of every
+        position (L, V) with logits="all", or None with "none"."""
         return self._run(ids, logits, image_features, image_spans)
 
     def _run(self, ids, logits="last", image_features=None, image_spans=None):
@@ -145,7 +146,9 @@ class PromptCache:
             self.realign()
             raise
         self.tokens.extend(int(t) for t in ids)
-        return None if out is None else out[:, -1, :]
+        if out is None:
+            return None
+        return out[0] if logits == "all" else out[:, -1, :]  # (L, V) for "all", else (1, V)
 
     def realign(self) -> None:
         """Make every layer hold exactly `tokens` again after an interrupted step."""

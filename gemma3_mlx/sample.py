@@ -89,18 +89,39 @@ class Sampler:
     def uses_history(self) -> bool:
         return self.repetition_penalty != 1.0
 
-    def __call__(self, logits: mx.array, history=()) -> mx.array:
+    def process(self, logits: mx.array, history=()) -> mx.array:
+        """The logits the draw is made from (B, V), float32: penalty, temperature, filters."""
         logits = logits.astype(mx.float32)
         if self.uses_history:
             recent = history[-self.repetition_context :] if len(history) else history
             logits = apply_repetition_penalty(logits, recent, self.repetition_penalty)
         if self.temp == 0:
-            return mx.argmax(logits, axis=-1)
-        logits = apply_min_p(apply_top_p(apply_top_k(logits / self.temp, self.top_k), self.top_p), self.min_p)
+            return logits
+        return apply_min_p(apply_top_p(apply_top_k(logits / self.temp, self.top_k), self.top_p), self.min_p)
+
+    def probs(self, logits: mx.array, history=()) -> mx.array:
+        """The distribution a token is drawn from (B, V): what speculative decoding must preserve."""
+        return mx.softmax(self.process(logits, history), axis=-1)
+
+    def next_key(self):
+        """A fresh random key (None when unseeded: MLX's global generator is used)."""
         if self.key is None:
-            return mx.random.categorical(logits, axis=-1)
+            return None
         self.key, sub = mx.random.split(self.key)
-        return mx.random.categorical(logits, axis=-1, key=sub)
+        return sub
+
+    def fork(self) -> "Sampler":
+        """The same settings with a random stream of its own (a draft model's sampler)."""
+        other = Sampler.__new__(Sampler)
+        other.__dict__.update(self.__dict__)
+        other.key = self.next_key()
+        return other
+
+    def __call__(self, logits: mx.array, history=()) -> mx.array:
+        logits = self.process(logits, history)
+        if self.temp == 0:
+            return mx.argmax(logits, axis=-1)
+        return mx.random.categorical(logits, axis=-1, key=self.next_key())
 
 
 def make_sampler(

@@ -1,0 +1,122 @@
+"""Speculative decoding: proposers and the acceptance rule. The engine (engine.py) runs the rounds.
+
+A proposer guesses the next k tokens cheaply; the target model checks all of them in one forward
+pass (about the cost of one token when decoding is bound by reading the weights), keeps the longest
+prefix it agrees with plus one token of its own, and its caches take back the rest exactly
+(cache.py). Two proposers: `DraftModel` (a smaller Gemma 3 sharing the tokenizer, with its own
+prompt cache, kept across turns) and `PromptLookup` (the continuation of the longest recent n-gram
+match in the context: summaries, code edits, quoting; no second model).
+
+Greedy: a draft token is kept iff it is the target's argmax, so the output is plain greedy decoding,
+token for token. Sampling: each draft token d is kept with probability min(1, p(d)/q(d)), a rejected
+one is replaced by a draw from max(p - q, 0), and a fully accepted round adds a draw from p, so the
+output follows the target's distribution p whatever the proposer (Leviathan et al., Chen et al., 2023).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .prompt_cache import PromptCache
+from .sample import Sampler
+
+
+class PromptLookup:
+    """Propose what followed the most recent earlier occurrence of the context's last n tokens
+    (n from `max_ngram` down to `min_ngram`)."""
+
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 2):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, tokens: list[int], k: int, sampler: Sampler | None = None):
+        """(up to k proposed tokens, None: the proposal is certain, q is one-hot)."""
+        n_tok = len(tokens)
+        last = tokens[-1]
+        for n in range(min(self.max_ngram, n_tok - 1), self.min_ngram - 1, -1):
+            tail = tokens[n_tok - n :]
+            for start in range(n_tok - n - 1, -1, -1):  # most recent first
+                if tokens[start + n - 1] == last and tokens[start : start + n] == tail:
+                    follow = tokens[start + n : start + n + k]
+                    if follow:
+                        return follow, None
+        return [], None
+
+    def close(self) -> None:
+        pass
+
+
+class DraftModel:
+    """A smaller Gemma 3 proposing tokens. Its `PromptCache` holds the conversation as the draft
+    saw it, so each round (and each turn of a chat) processes only what is new to it."""
+
+    def __init__(self, model, cache: PromptCache | None = None, rollback: int = 16):
+        self.model = model
+        self.cache = cache if cache is not None else PromptCache(model, rollback=rollback)
+
+    def propose(self, tokens: list[int], k: int, sampler: Sampler | None = None):
+        """(k proposed tokens, their draft distributions (k, V_draft) when sampling, else None)."""
+        if k < 1:
+            return [], None
+        pc = self.cache
+        # The draft reads text only: image soft tokens (and ids past its table) become padding.
+        image, vocab = self.model.config.image_token_index, self.model.config.text.vocab_size
+        tokens = [0 if t == image or t >= vocab else t for t in tokens]
+        logits = pc.prefill(tokens)  # reuses what it holds; takes back last round's rejected guesses
+        greedy = sampler is None or sampler.greedy
+        history = mx.array(tokens) if sampler is not None and sampler.uses_history else None
+        toks, qs = [], []
+        try:
+            for i in range(k):  # queued without reading anything back: one read at the end
+                if greedy:
+                    t = mx.argmax(logits, axis=-1)
+                else:
+                    q = sampler.probs(logits, history if history is not None else ())
+                    t = mx.random.categorical(mx.log(q), axis=-1, key=sampler.next_key())
+                    qs.append(q)
+                    if history is not None:
+                        history = mx.concatenate([history, t])
+                toks.append(t)
+                if i < k - 1:
+                    logits = self.model(t[None], pc.layers, logits="last")[:, -1, :]
+            values = mx.concatenate(toks).tolist()
+        except BaseException:
+            pc.realign()
+            raise
+        pc.tokens.extend(values[:-1])  # the last guess was never fed
+        return values, (mx.concatenate(qs) if qs else None)
+
+    def close(self) -> None:
+        pass
+
+
+def accept_greedy(logits: mx.array, drafts: list[int]) -> list[int]:
+    """logits (k+1, V) after [last] + drafts -> the kept drafts plus the target's next token."""
+    best = mx.argmax(logits, axis=-1).tolist()
+    a = 0
+    while a < len(drafts) and drafts[a] == best[a]:
+        a += 1
+    return drafts[:a] + [best[a]]
+
+
+def accept_sampled(p: mx.array, q: mx.array | None, drafts: list[int], key=None) -> list[int]:
+    """Rejection sampling. p: the target's distributions (k+1, V) after [last] + drafts; q: the
+    proposer's (k, Vq) with Vq <= V (ids past Vq have q = 0), or None for a certain proposal."""
+    k, V = len(drafts), p.shape[-1]
+    keys = mx.random.split(key, 2) if key is not None else (None, None)
+    if k == 0:
+        return [mx.random.categorical(mx.log(p[-1:]), axis=-1, key=keys[1]).item()]
+    d = mx.array(drafts)
+    rows = mx.arange(k)
+    if q is None:
+        q = (mx.arange(V)[None] == d[:, None]).astype(p.dtype)
+    elif q.shape[-1] < V:
+        q = mx.concatenate([q, mx.zeros((k, V - q.shape[-1]), q.dtype)], axis=-1)
+    pd, qd = p[rows, d], q[rows, d]
+    u = mx.random.uniform(shape=(k,), key=keys[0])
+    kept = u * qd < pd  # u < p/q, without dividing by a zero q
+    residual = mx.maximum(p[:k] - q, 0.0)  # where a rejected guess is redrawn from
+    with_bonus = mx.concatenate([residual, p[k:]], axis=0)
+    draws = mx.random.categorical(mx.log(with_bonus), axis=-1, key=keys[1])
+    kept, draws = kept.tolist(), draws.tolist()
+    a = kept.index(False) if False in kept else k
+    return drafts[:a] + [draws[a]]
