@@ -73,9 +73,49 @@ def test_piped_chat_prints_two_replies(gemma3_home, session_parts):
     replies = [text(chat.send("Hi")), text(chat.send("And?"))]
     assert r.stdout.startswith(replies[0] + "\n" + replies[1] + "\n")
     stats = r.stdout[len(replies[0] + replies[1]) + 2:].splitlines()
-    assert len(stats) == 1 and stats[0].startswith("prompt ") and "processed" in stats[0]
+    assert len(stats) == 2 and stats[0].startswith("prompt ") and "processed" in stats[0]
+    assert stats[1].startswith("conversation 2 exchanges, ")
     processed, total = int(stats[0].split("(")[1].split()[0]), int(stats[0].split()[1])
     assert processed < total  # the second turn reused the first turn's cache
+
+
+def test_sampled_retry_draws_anew_and_a_seed_makes_the_session_reproducible(session_parts):
+    model, tok = session_parts
+
+    def session(**kw):
+        chat = ChatSession(model, tok, max_tokens=8, temp=1.5, seed=7, **kw)
+        replies = [text(chat.send("Name an animal.")), text(chat.retry()), text(chat.retry())]
+        return chat, replies
+
+    chat, replies = session()
+    assert len(set(replies)) > 1  # one random stream for the session: a retry is a new draw
+    assert session()[1] == replies  # the same seed, the same session
+    assert text(ChatSession(model, tok, max_tokens=8, temp=1.5, seed=8).send("Name an animal.")) != replies[0] or \
+        text(ChatSession(model, tok, max_tokens=8, temp=1.5, seed=9).send("Name an animal.")) != replies[0]
+    chat.set(temp=0.0)
+    assert chat.greedy and text(chat.retry()) == text(chat.retry())  # greedy: the same reply again
+    chat.set(top_k=5, min_p=0.1, repetition_penalty=1.2, max_tokens=3)
+    assert chat.settings["top_k"] == 5 and chat.sampler.repetition_penalty == 1.2
+    text(chat.retry())
+    assert chat.last.generation_tokens <= 3
+    with pytest.raises(ValueError, match="top-p"):
+        chat.set(top_p=2.0)
+    with pytest.raises(ValueError, match="unknown setting"):
+        chat.set(tempo=1.0)
+    assert chat.settings["top_p"] == 1.0  # a refused change changes nothing
+
+
+def test_undo_counts_its_tokens_and_forgets_the_statistics(session_parts):
+    model, tok = session_parts
+    chat = ChatSession(model, tok, max_tokens=4)
+    assert chat.undo() is None and chat.count_tokens() == 0
+    text(chat.send("Hi"))
+    one = chat.count_tokens()
+    text(chat.send("And?"))
+    two = chat.count_tokens()
+    assert two > one > chat.last.generation_tokens
+    assert chat.undo() == two - one and chat.last is None and chat.count_tokens() == one
+    assert chat.undo() == one and chat.messages == [] and chat.undo() is None
 
 
 def test_chat_bad_model_is_one_line(tmp_path):
@@ -165,6 +205,49 @@ def test_terminal_chat_session(gemma3_home, tmp_path):
     assert "/bogus" in (gemma3_home / "chat_history").read_text()  # up-arrow history survives the session
     # A terminal gets colours: the prompt, statistics, errors.
     assert "\x1b[1;32m>>> " in t.raw and "\x1b[2mprompt " in t.raw and "\x1b[31m\x1b[1merror: " in t.raw
+
+
+def test_terminal_chat_commands_say_what_they_did(gemma3_home, tmp_path):
+    """Every command answers: /set, /show, /retry (greedy and sampled), /undo, /save, /load, /reset, /system,
+    /image on a text-only model, and a message of several lines between triple quotes."""
+    t = Terminal(["-n", "4", "--system", "Be brief.", "--min-p", "0.05", "--repetition-penalty", "1.1"], gemma3_home,
+                 NO_COLOR="1")
+    try:
+        assert "loading gemma-3-270m ..." in t.expect(">>> ")
+        assert "nothing to undo: the conversation is empty" in t.say("/undo")
+        show = t.say("/show")
+        assert "model     " + str(gemma3_home / "models" / "gemma-3-270m") in show and "system    Be brief." in show
+        assert "min-p 0.05, repetition-penalty 1.1, max-tokens 4, seed none" in show
+        os.write(t.master, b'"""First line\n')
+        t.expect("... ")
+        t.say('second line"""')
+        assert "temperature 0 is greedy decoding: the same reply again" in t.say("/retry")
+        assert "temp set to 0.8" in t.say("/set temp 0.8")
+        assert "top-k set to 40" in t.say("/set top-k 40")
+        assert "temp 0.8, top-k 40, " in t.say("/show")
+        assert "greedy" not in t.say("/retry")
+        assert "conversation 1 exchange, " in t.say("/stats")
+        assert "error: /save needs a file name, e.g. /save chat-" in t.say("/save")
+        assert f"saved 1 exchange to {tmp_path / 'c.json'}" in t.say(f"/save {tmp_path / 'c.json'}")
+        undo = t.say("/undo")
+        assert "removed the last exchange (" in undo and " tokens)" in undo
+        stats = t.say("/stats")
+        assert "prompt " not in stats and "conversation 0 exchanges, 0 of " in stats  # as it is after /undo
+        loaded = t.say(f"/load {tmp_path / 'c.json'}")
+        assert f"loaded 1 exchange from {tmp_path / 'c.json'}; the last one:" in loaded
+        assert "you: First line\r\nsecond line\r\nmodel: " in loaded  # the two lines arrived as one message
+        assert "error: gemma-3-270m is a text-only model: it cannot see images" in t.say("/image photo.jpg")
+        assert "system prompt set: Answer in French." in t.say("/system Answer in French.")
+        assert "cleared the conversation (1 exchange); the system prompt is kept" in t.say("/reset")
+        assert "error: usage: /set NAME VALUE" in t.say("/set bogus 1")
+        assert "error: top-p must be in (0, 1]" in t.say("/set top-p 3")
+        os.write(t.master, b"\x04")
+        assert t.proc.wait(timeout=60) == 0
+    finally:
+        t.close()
+    assert "Traceback" not in t.raw
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["messages"][0]["content"] == "First line\nsecond line" and saved["system"] == "Be brief."
 
 
 def test_terminal_ctrl_c_stops_the_reply_and_keeps_the_session(gemma3_home):
