@@ -15,6 +15,7 @@ This module does no text decoding and no I/O: generate.py turns tokens into text
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import time
 from collections import deque
@@ -28,6 +29,10 @@ from .sample import Sampler, make_sampler
 from .speculate import accept_greedy, accept_sampled
 
 STOP_IDS = (1, 106)  # <eos>, <end_of_turn>: the one list of default stop tokens
+
+# A step queued ahead and never read may still be running when Python exits; MLX's CPU backend can
+# hang if the interpreter tears down under it (seen here 4 times in 6). Let it finish first.
+atexit.register(mx.synchronize)
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ class Engine:
         self.layers: list | None = None  # the batch's caches, rows in `rows` order
         self.pending: mx.array | None = None  # (B,) sampled tokens, not yet fed nor read
         self._uids = itertools.count()
+        self._ahead = None
 
     # ------------------------------------------------------------------ requests
 
@@ -168,6 +174,7 @@ class Engine:
 
     def close(self) -> None:
         """Cancel everything; every sequence's cache is left consistent."""
+        inflight = self.pending
         for seq in self.waiting:
             seq.steps.close()
         self.waiting.clear()
@@ -175,6 +182,8 @@ class Engine:
         for seq in self.spec:
             self._finish_spec(seq, None)
         self.spec.clear()
+        mx.eval([a for a in (inflight, self._ahead) if a is not None])  # nothing left running behind us
+        self._ahead = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -218,22 +227,24 @@ class Engine:
         return events
 
     def _prefill(self) -> list[Event]:
-        """One prefill chunk of the next waiting sequence (all of it while nothing decodes)."""
-        while self.waiting and len(self.rows) + len(self.spec) < self.max_batch:
+        """Prefill waiting sequences while there is room in the batch: about `prefill_chunk` prompt
+        tokens per step while others decode (a long prompt does not stall them), and every waiting
+        prompt at once when nothing decodes (a batch starts together)."""
+        events, budget = [], self.prefill_chunk
+        idle = not (self.rows or self.spec)
+        while self.waiting and len(self.rows) + len(self.spec) < self.max_batch and (idle or budget > 0):
             seq = self.waiting[0]
+            before = len(seq.cache.tokens)
             try:
                 logits = next(seq.steps)
             except BaseException:
                 self.waiting.popleft()  # its cache stays consistent (prompt_cache.py realigns it)
                 raise
+            budget -= max(len(seq.cache.tokens) - before, 1)
             if logits is not None:
                 self.waiting.popleft()
-                events = self._join(seq, logits)
-                if events is not None:
-                    return events
-            if self.rows or self.spec:
-                return []
-        return []
+                events += self._join(seq, logits) or []
+        return events
 
     def _join(self, seq: _Sequence, logits: mx.array) -> None:
         if seq.sampler.uses_history:
@@ -402,6 +413,7 @@ class Engine:
         self.rows = [self.rows[i] for i in keep]
         if not keep:
             self.layers = self.pending = None
+            self._ahead = next_tokens  # the look-ahead step nobody will read: close() waits for it
             return
         self.layers = [c.select(keep) for c in self.layers]
         self.pending = next_tokens[mx.array(keep)]
