@@ -29,7 +29,7 @@ from ..errors import Gemma3Error
 from ..generate import stream_generate
 from ..image import load_image
 from ..loader import load, load_config
-from ..models import cache_dir, models_dir, resolve
+from ..models import DEFAULT_MODEL, cache_dir, models_dir, resolve
 from ..prompt_cache import PromptCache
 
 app = typer.Typer(
@@ -126,6 +126,16 @@ def resolve_model(model: Optional[str]) -> Path:
     return resolve(model, progress=Progress(label), note=note)
 
 
+KINDS = {True: "instruction-tuned", False: "base", None: "unknown"}
+
+
+def warn_if_base(path: Path, config, advice: str) -> None:
+    """One line when a base model is about to be used as a chat model. `advice` names {it}, a model to use instead."""
+    if config.instruction_tuned is False:
+        it = "-m google/gemma-3-270m-it" if path.name == DEFAULT_MODEL else "an instruction-tuned (-it) model"
+        _warn(f"{path.name} is a base model: it continues text, it does not chat; " + advice.format(it=it))
+
+
 ModelOpt = typer.Option(None, "--model", "-m", help="Model directory, .gguf file, converted model name or hub id "
                                                      "(default: Gemma 3 270M).")
 
@@ -159,9 +169,12 @@ def generate(
     with user_errors():
         if image:
             image = [load_image(p) for p in image]  # fail fast, before loading the model
-        model_obj, tokenizer = load(resolve_model(model), dtype=dtype)
+        path = resolve_model(model)
+        model_obj, tokenizer = load(path, dtype=dtype)
         if tokenizer is None:
             fail("the model has no tokenizer.model")
+        if not raw:
+            warn_if_base(path, model_obj.config, "add --raw, or use {it}")
         if prompt == "-":
             prompt = sys.stdin.read()
         text = prompt if raw else ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -232,7 +245,7 @@ def check(
         print_quality(run(model, reference))
 
 def _describe(path: Path) -> tuple[str, float, str]:
-    """(kind, size in MB, precision) of a model directory."""
+    """(architecture, size in MB, precision) of a model directory."""
     c = load_config(path)
     size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
     q = c.quantization
@@ -258,7 +271,8 @@ def models():
             typer.echo(f"no converted models in {root} yet (the default model is converted on first use)")
         for p in found:
             kind, size, precision = _describe(p)
-            typer.echo(f"{p.name:40s} {size:9.1f} MB  {precision:10s} {kind}")
+            tuned = KINDS[load_config(p).instruction_tuned]
+            typer.echo(f"{p.name:40s} {size:9.1f} MB  {precision:10s} {tuned:17s}  {kind}")
 
 
 @app.command()
@@ -275,6 +289,8 @@ def info(model: Optional[str] = typer.Argument(None, help="Model directory or .g
         pattern = "".join("L" if local else "G" for local in t.is_local)
         typer.echo(f"path            {path}")
         typer.echo(f"type            {c.model_type} ({'text and images' if c.vision else 'text'})")
+        typer.echo(f"kind            {KINDS[c.instruction_tuned]}" + {
+            True: " (chat format)", False: " (plain continuation: use generate --raw)", None: ""}[c.instruction_tuned])
         typer.echo(f"layers          {t.num_hidden_layers}: {pattern} (L local window {t.sliding_window}, G global)")
         typer.echo(f"hidden / heads  {t.hidden_size} / {t.num_attention_heads} q, {t.num_key_value_heads} kv, head_dim {t.head_dim}")
         typer.echo(f"vocabulary      {t.vocab_size}")
@@ -380,6 +396,7 @@ def chat(
             fail("the model has no tokenizer.model")
         if pending and model_obj.config.vision is None:
             fail(f"{path.name} is a text-only model: it cannot see images")
+        warn_if_base(path, model_obj.config, "chat with {it}, or continue a text with gemma3 generate --raw")
         session = ChatSession(model_obj, tokenizer, system=system, pan_and_scan=pan_and_scan,
                               max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                               repetition_penalty=repetition_penalty, seed=seed)

@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 from gguf.quants import dequantize
 
-from ..config import GLOBAL, LOCAL, ModelConfig
+from ..config import GLOBAL, LOCAL, ModelConfig, instruction_tuned_from_name
 from ..errors import ConversionError
 from .gguf_blocks import MLX_EXACT, to_mlx_affine
 from .gguf_tokenizer import sentencepiece_model_from_gguf
@@ -100,8 +100,17 @@ class GGUFSource:
             "layer_types": [GLOBAL if (i + 1) % pattern == 0 else LOCAL for i in range(n_layers)],
             # The local RoPE base is not stored in GGUF; Gemma 3 always uses 10,000.
             "rope_parameters": {LOCAL: {"rope_type": "default", "rope_theta": 10000.0}, GLOBAL: glob},
+            "instruction_tuned": self.instruction_tuned(),
         }
         return ModelConfig.from_dict(d)
+
+    def instruction_tuned(self) -> bool:
+        """By its fine-tune tag or name (general.finetune "it", "gemma-3-1b-it"), else by its chat template."""
+        for name in (self.field("general.finetune"), self.field("general.name"), self.path.stem):
+            said = instruction_tuned_from_name(str(name), bare_gemma_is_base=False) if name else None
+            if said is not None:
+                return said
+        return self.field("tokenizer.chat_template") is not None
 
     def tensor_count(self) -> int:
         return sum(mlx_name(t.name) is not None for t in self.reader.tensors)

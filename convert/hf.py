@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Iterator
 
 import mlx.core as mx
 
-from ..config import ModelConfig
+from ..config import ModelConfig, instruction_tuned_from_name
 from ..errors import ConversionError
 from ..loader import load_config
 from ..safetensors_io import SafetensorsFile, checkpoint_files
@@ -15,15 +17,32 @@ from ..weights import checkpoint_weights, sanitize_name
 
 
 class HFSource:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, name: str | None = None):
+        """`name`: what the user called it (a hub id), when the path is a download's snapshot directory."""
         self.path = Path(path)
         self._config = load_config(self.path)
+        if self._config.instruction_tuned is None or name:
+            self._config = dataclasses.replace(self._config, instruction_tuned=self._instruction_tuned(name))
         self.files = [SafetensorsFile(f) for f in checkpoint_files(self.path)]  # headers checked up front
         if not any(sanitize_name(n) for f in self.files for n in f.names):
             raise ConversionError(f"{self.path}: the safetensors files hold no Gemma 3 weights")
 
     def config(self) -> ModelConfig:
         return self._config
+
+    def _instruction_tuned(self, name: str | None) -> bool:
+        """By the name (hub id, directory, transformers' _name_or_path), else by a chat template beside the weights."""
+        raw = json.loads((self.path / "config.json").read_text())
+        for n in (name, self.path.resolve().name, raw.get("_name_or_path") if isinstance(raw, dict) else None):
+            said = instruction_tuned_from_name(str(n)) if n else None
+            if said is not None:
+                return said
+        if (self.path / "chat_template.jinja").exists() or (self.path / "chat_template.json").exists():
+            return True
+        try:
+            return "chat_template" in json.loads((self.path / "tokenizer_config.json").read_text())
+        except (OSError, ValueError, TypeError):
+            return False
 
     def tensor_count(self) -> int:
         vision = self._config.vision is not None

@@ -16,13 +16,13 @@ from .hub import download, looks_like_hub_id
 
 
 def open_source(source: str | Path) -> GGUFSource | HFSource:
-    p = Path(source).expanduser()
+    p, name = Path(source).expanduser(), None
     if not p.exists() and looks_like_hub_id(str(source)):
-        p = download(str(source))
+        p, name = download(str(source)), str(source)
     if not p.exists():
         raise ModelFileError(f"{p}: no such file or directory")
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise ConversionError(f"{p}: expected a .gguf file or a Hugging Face model directory")
         return GGUFSource(p)
-    return HFSource(p)
+    return HFSource(p, name)

@@ -10,6 +10,7 @@ It does not read files: `load_config(path)` in loader.py does.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,6 +146,18 @@ class VisionConfig:
         return dataclasses.asdict(self)
 
 
+def instruction_tuned_from_name(name: str, bare_gemma_is_base: bool = True) -> bool | None:
+    """What a checkpoint's name says: "-it"/"instruct"/"chat" is instruction-tuned, "-pt"/"base" is not, and
+    (`bare_gemma_is_base`) neither is a Gemma name without either, as Google names its base models
+    ("gemma-3-270m", "gemma-3-4b-pt"). None: the name does not say."""
+    words = set(re.split(r"[^a-z0-9]+", name.lower()))
+    if words & {"it", "instruct", "chat", "sft", "rlhf"}:
+        return True
+    if words & {"pt", "base"} or (bare_gemma_is_base and "gemma" in name.lower()):
+        return False
+    return None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model_type: str
@@ -156,6 +169,9 @@ class ModelConfig:
     image_token_index: int = 262_144
     # Quantization settings as written by the converter (step 2); None for float weights.
     quantization: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    # Our own key, recorded by the converter: True for an instruction-tuned (chat) model, False for a base
+    # (pretrained) one, None when unknown. Base models continue text; the chat format means little to them.
+    instruction_tuned: bool | None = field(default=None, compare=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -174,9 +190,11 @@ class ModelConfig:
                 eoi_token_index=int(d.get("eoi_token_index", 256_000)),
                 image_token_index=int(d.get("image_token_index", d.get("image_token_id", 262_144))),
                 quantization=d.get("quantization"),
+                instruction_tuned=d.get("instruction_tuned"),
             )
         if model_type in TEXT_MODEL_TYPES or (model_type is None and archs & TEXT_ARCHITECTURES):
-            return cls(model_type="gemma3_text", text=TextConfig.from_dict(d), quantization=d.get("quantization"))
+            return cls(model_type="gemma3_text", text=TextConfig.from_dict(d), quantization=d.get("quantization"),
+                       instruction_tuned=d.get("instruction_tuned"))
         what = model_type or ", ".join(sorted(archs)) or "unknown"
         raise ConfigError(f"not a Gemma 3 checkpoint (model_type {what!r}); expected gemma3 or gemma3_text")
 
@@ -196,4 +214,6 @@ class ModelConfig:
             }
         if self.quantization:
             d["quantization"] = self.quantization
+        if self.instruction_tuned is not None:
+            d["instruction_tuned"] = self.instruction_tuned
         return d

@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import mlx.nn as nn
 
-from .config import ModelConfig
+from .config import ModelConfig, instruction_tuned_from_name
 from .errors import ConfigError, ModelFileError
 from .model import Model
 from .packing import unpack
@@ -99,6 +99,8 @@ def load_config(path: Path) -> ModelConfig:
         d = json.loads(f.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError(f"{f}: not valid JSON ({e})") from None
+    if isinstance(d, dict) and d.get("instruction_tuned") is None:  # converted before the key was recorded
+        d["instruction_tuned"] = instruction_tuned_from_name(path.resolve().name)
     return ModelConfig.from_dict(d)
 
 

@@ -213,7 +213,10 @@ def test_terminal_chat_commands_say_what_they_did(gemma3_home, tmp_path):
     t = Terminal(["-n", "4", "--system", "Be brief.", "--min-p", "0.05", "--repetition-penalty", "1.1"], gemma3_home,
                  NO_COLOR="1")
     try:
-        assert "loading gemma-3-270m ..." in t.expect(">>> ")
+        start = t.expect(">>> ")
+        assert start.index("loading gemma-3-270m ...") < start.index("warning: gemma-3-270m is a base model: ") \
+            < start.index("gemma3 chat: /help for commands")  # the default model is a base model: said once
+        assert start.count("warning: ") == 1 and "-m google/gemma-3-270m-it" in start
         assert "nothing to undo: the conversation is empty" in t.say("/undo")
         show = t.say("/show")
         assert "model     " + str(gemma3_home / "models" / "gemma-3-270m") in show and "system    Be brief." in show

@@ -235,3 +235,28 @@ def test_generate_system_prompt_is_the_chat_format(gemma3_home, default_model_di
     messages = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "What is the sea?"}]
     assert r.stdout == gemma3_mlx.generate(model, tok, messages, max_tokens=8) + "\n"
     assert r.stdout != gemma3_mlx.generate(model, tok, messages[1:], max_tokens=8) + "\n"  # the system text counts
+
+
+def test_base_or_instruction_tuned_is_recorded_shown_and_warned_about(gemma3_home, default_model_dir, tmp_path):
+    import json
+
+    from gemma3_mlx.convert import convert
+
+    assert json.loads((default_model_dir / "config.json").read_text())["instruction_tuned"] is False  # from the GGUF
+    r = run(["generate", "--raw", "Once upon a time", "-n", "2"], home=gemma3_home)
+    assert r.returncode == 0 and r.stderr == ""  # the README's first command: no warning
+    r = run(["generate", "Hi", "-n", "2"], home=gemma3_home)
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert r.returncode == 0 and len(warnings) == 1
+    assert "gemma-3-270m is a base model" in warnings[0] and "--raw" in warnings[0] and "gemma-3-270m-it" in warnings[0]
+    assert "kind            base (plain continuation" in run(["info"], home=gemma3_home).stdout
+    assert " base " in next(x for x in run(["models"], home=gemma3_home).stdout.splitlines() if "gemma-3-270m" in x)
+    # A transformers checkpoint: by its name, else by a chat template beside its weights.
+    for name, template, tuned in [("tiny-a", False, False), ("tiny-b", True, True), ("gemma-3-tiny-it", False, True)]:
+        src = tmp_path / name
+        shutil.copytree(FIXTURES / "tiny_v5", src)
+        if template:
+            (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+        with pytest.warns(UserWarning):  # no tokenizer.model in the fixture
+            convert(src, tmp_path / f"{name}-out")
+        assert json.loads((tmp_path / f"{name}-out" / "config.json").read_text())["instruction_tuned"] is tuned, name

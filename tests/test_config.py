@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import FIXTURES
-from gemma3_mlx.config import GLOBAL, LOCAL, ModelConfig
+from gemma3_mlx.config import GLOBAL, LOCAL, ModelConfig, instruction_tuned_from_name
 from gemma3_mlx.errors import ConfigError
 
 
@@ -73,3 +73,20 @@ def test_27b_style_scalar_and_soft_capping_ignored():
 def test_bad_configs_are_refused(d):
     with pytest.raises(ConfigError):
         ModelConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("name, tuned", [
+    ("google/gemma-3-270m-it", True), ("gemma-3-270m-it-q8", True), ("gemma-3-1b-it-GGUF", True),
+    ("Gemma 3 270m It", True), ("gemma-3-4b-pt", False), ("google/gemma-3-270m", False), ("gemma-3-270m", False),
+    ("my-instruct-model", True), ("tiny_v5", None), ("models--google--gemma-3-270m-it", True),
+])
+def test_instruction_tuned_from_name(name, tuned):
+    assert instruction_tuned_from_name(name) is tuned
+
+
+def test_instruction_tuned_is_recorded_and_read_back():
+    d = {"model_type": "gemma3_text", "num_hidden_layers": 2, "instruction_tuned": False}
+    c = ModelConfig.from_dict(d)
+    assert c.instruction_tuned is False and c.to_dict()["instruction_tuned"] is False
+    assert ModelConfig.from_dict(c.to_dict()).instruction_tuned is False
+    assert "instruction_tuned" not in ModelConfig.from_dict({"model_type": "gemma3_text"}).to_dict()  # unknown
