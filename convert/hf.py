@@ -13,6 +13,7 @@ from ..config import ModelConfig, instruction_tuned_from_name
 from ..errors import ConversionError
 from ..loader import load_config
 from ..safetensors_io import SafetensorsFile, checkpoint_files
+from ..vision import vision_name
 from ..weights import checkpoint_weights, sanitize_name
 
 
@@ -46,7 +47,8 @@ class HFSource:
 
     def tensor_count(self) -> int:
         vision = self._config.vision is not None
-        return sum(sanitize_name(n) is not None or vision for f in self.files for n in f.names)
+        return sum(sanitize_name(n) is not None or (vision and vision_name(n) is not None)
+                   for f in self.files for n in f.names)
 
     def tensors(self, native: bool = False) -> Iterator[tuple[str, mx.array]]:
         """(MLX name, tensor) at the checkpoint's precision; the vision tower in MLX layout."""

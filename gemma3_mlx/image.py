@@ -1,7 +1,7 @@
 """Images for Gemma 3's vision tower: load, pan & scan, resize and normalize, as transformers does.
 
-`preprocess_image` turns one image into the (1 + crops, S, S, 3) float32 batch the SigLIP encoder
-takes (channels-last, MLX's convolution layout) and `image_prompt_text` the words that introduce
+`preprocess_image` turns one image into the (1 + crops, S, S, 3) float32 mx.array the SigLIP encoder
+takes (channels-last, MLX's convolution layout; `model(ids, pixel_values=...)` accepts it as is) and `image_prompt_text` the words that introduce
 the crops. Pixels match transformers' Gemma3ImageProcessor (PIL backend): transparency composited
 onto white, PIL bilinear resize of 8-bit pixels, then x / 127.5 - 1. Images under 2 pixels on a side are refused
 (the reference would stretch one pixel over the whole frame). This module does not encode images, tokenize, or place image tokens.
@@ -15,6 +15,7 @@ import math
 import warnings
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -136,8 +137,9 @@ def preprocess_image(
     min_crop_size: int = 256,
     max_crops: int = 4,
     min_ratio: float = 1.2,
-) -> tuple[np.ndarray, int]:
-    """The image then its pan & scan crops, each stretched to S x S: ((1 + crops, S, S, 3) float32, crops).
+) -> tuple[mx.array, int]:
+    """The image then its pan & scan crops, each stretched to S x S: ((1 + crops, S, S, 3) float32, crops),
+    ready for `model(input_ids, pixel_values=pixels)`.
 
     `config` is a ModelConfig (S = config.vision.image_size) or the size S itself.
     """
@@ -154,7 +156,7 @@ def preprocess_image(
     pixels = np.stack([np.asarray(v.resize((size, size), Image.Resampling.BILINEAR)) for v in views])
     # Rescale to [0, 1], then normalize with mean 0.5, std 0.5: (N, S, S, 3) in [-1, 1]
     pixels = (pixels.astype(np.float32) / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
-    return pixels, len(boxes)
+    return mx.array(pixels), len(boxes)
 
 
 def image_prompt_text(num_crops: int, image_token: str = IMAGE_TOKEN) -> str:

@@ -143,6 +143,18 @@ def encode_images(tower: VisionTower, projector: Projector, pixels: mx.array) ->
     return projector(tower(pixels.astype(dtype)))
 
 
+def vision_name(key: str) -> str | None:
+    """This module's name for a checkpoint key of the tower or projector; None for any other key."""
+    # transformers 4.52+ / 5 in-memory names carry Gemma3Model's `model.` prefix.
+    name = key.removeprefix("model.")
+    # Hub checkpoints (transformers 4) nest SigLIP one level deeper; transformers 5 saves without it.
+    if name.startswith("vision_tower.vision_model."):
+        name = "vision_tower." + name[len("vision_tower.vision_model."):]
+    if name.startswith("vision_tower.head."):
+        return None  # SigLIP's pooling head (vision_use_head: true): Gemma 3 uses every patch, never the pooled one
+    return name if name.startswith(("vision_tower.", "multi_modal_projector.")) else None
+
+
 def sanitize_vision(weights: dict[str, mx.array], dtype: mx.Dtype | None = mx.float32) -> dict[str, mx.array]:
     """Checkpoint weights -> this module's names (`vision_tower.*`, `multi_modal_projector.*`).
 
@@ -152,12 +164,8 @@ def sanitize_vision(weights: dict[str, mx.array], dtype: mx.Dtype | None = mx.fl
     """
     out = {}
     for key, w in weights.items():
-        # transformers 4.52+ / 5 in-memory names carry Gemma3Model's `model.` prefix.
-        name = key.removeprefix("model.")
-        # Hub checkpoints (transformers 4) nest SigLIP one level deeper; transformers 5 saves without it.
-        if name.startswith("vision_tower.vision_model."):
-            name = "vision_tower." + name[len("vision_tower.vision_model."):]
-        if not name.startswith(("vision_tower.", "multi_modal_projector.")):
+        name = vision_name(key)
+        if name is None:
             continue
         if name.endswith("patch_embedding.weight") and w.ndim == 4 and w.shape[2] == w.shape[3] != w.shape[1]:
             # PyTorch conv (out, in, kh, kw) -> MLX (out, kh, kw, in); MLX-layout weights pass unchanged.

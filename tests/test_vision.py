@@ -130,3 +130,55 @@ def test_recorded_prompt_layouts_are_consistent(tiny):
         assert len(starts) == len(p["images"])
         assert ref[f"{name}.logits"].shape == (1, len(ids), config.text.vocab_size)
         assert ref[f"{name}.mask_global"].shape == ref[f"{name}.mask_local"].shape == (len(ids), len(ids))
+
+
+@pytest.mark.parametrize("prefix", ["vision_tower.vision_model.", "vision_tower."])  # transformers 4 / 5 names
+def test_a_checkpoint_with_siglips_pooling_head_loads_and_matches(tmp_path, prefix):
+    """vision_use_head: true (transformers' SigLIP default) adds a pooling head Gemma 3 never uses: it is dropped."""
+    import shutil
+    import warnings
+
+    from gemma3_mlx.convert import convert
+    from gemma3_mlx.loader import load_model
+
+    src = tmp_path / "with_head"
+    shutil.copytree(TINY, src)
+    config = json.loads((TINY / "config.json").read_text())
+    config["vision_config"]["vision_use_head"] = True
+    (src / "config.json").write_text(json.dumps(config))
+    D, hidden = config["vision_config"]["hidden_size"], config["vision_config"]["intermediate_size"]
+    rng = np.random.default_rng(0)
+    head = {"probe": (1, 1, D), "attention.in_proj_weight": (3 * D, D), "attention.in_proj_bias": (3 * D,),
+            "attention.out_proj.weight": (D, D), "attention.out_proj.bias": (D,), "layernorm.weight": (D,),
+            "layernorm.bias": (D,), "mlp.fc1.weight": (hidden, D), "mlp.fc1.bias": (hidden,),
+            "mlp.fc2.weight": (D, hidden), "mlp.fc2.bias": (D,)}
+    weights = dict(mx.load(str(TINY / "model.safetensors")))
+    weights.update({prefix + "head." + k: mx.array(rng.normal(size=s).astype(np.float32)) for k, s in head.items()})
+    mx.save_safetensors(str(src / "model.safetensors"), weights)
+    ref = {k: np.array(v) for k, v in mx.load(str(TINY / "ref.safetensors")).items()}
+    ids = mx.array(ref["one_image.input_ids"])
+    pixels = mx.array(ref["pixels_nhwc"][:1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no tokenizer in the tiny checkpoint
+        convert(src, tmp_path / "out", dtype="float32")
+    for d in (src, tmp_path / "out"):  # loaded as it is, and converted
+        out = np.array(load_model(d, dtype="float32")(ids, pixel_values=pixels))
+        assert np.abs(out - ref["one_image.logits"]).max() <= 1e-4
+
+
+def test_preprocess_image_feeds_the_model_as_documented():
+    """The README's lines: `pixels, n = preprocess_image(...)`, then `model(input_ids, pixel_values=pixels)`."""
+    from gemma3_mlx import preprocess_image
+    from gemma3_mlx.loader import load_model
+
+    model = load_model(TINY, dtype="float32")
+    ref = {k: np.array(v) for k, v in mx.load(str(TINY / "ref.safetensors")).items()}
+    input_ids = mx.array(ref["one_image.input_ids"])
+    pixels, n = preprocess_image(FIXTURES / "images" / "rgb.png", model.config)
+    assert n == 0 and pixels.shape == (1, 56, 56, 3)
+    logits = model(input_ids, pixel_values=pixels)
+    assert logits.shape == (1, input_ids.shape[1], 320)
+    features = model.encode_images(mx.array(np.array(pixels)))
+    assert np.abs(np.array(logits) - np.array(model(input_ids, image_features=features))).max() < 1e-5
+    other, _ = preprocess_image(FIXTURES / "images" / "wide.png", model.config)
+    assert np.abs(np.array(logits) - np.array(model(input_ids, pixel_values=other))).max() > 1e-3  # the image counts
