@@ -32,10 +32,51 @@ from ..loader import load, load_config
 from ..models import DEFAULT_MODEL, cache_dir, models_dir, resolve
 from ..prompt_cache import PromptCache
 
-app = typer.Typer(
+# Usage metavars as click writes them: Typer's own are type tags (`<int range>`) and `{prompt}`.
+METAVARS = {"int": "INTEGER", "int range": "INTEGER", "float": "NUMBER", "float range": "NUMBER", "str": "TEXT",
+            "path": "PATH", "file": "PATH", "directory": "PATH"}
+
+
+class App(typer.Typer):
+    """The Typer app, with plain help (no boxes, no type tags) and a usage error as one `error:` line."""
+
+    def __call__(self, args=None):
+        command = typer.main.get_command(self)
+        for sub in command.commands.values():
+            for p in sub.params:
+                _plain_metavar(p)
+        try:
+            code = command.main(args, standalone_mode=False)
+        except typer.Abort:
+            code = 130
+        except typer.TyperException as e:  # click's usage errors, as Typer vendors them
+            if type(e).__name__ == "NoArgsIsHelpError":  # `gemma3` alone: the help
+                e.show()
+            else:
+                message = e.format_message().rstrip(".").replace("Input should be", "it must be")
+                ctx = getattr(e, "ctx", None)
+                hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+                error(message[:1].lower() + message[1:] + hint)
+            code = getattr(e, "exit_code", 2)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _plain_metavar(p) -> None:
+    tag = p.display_type(None).strip("<>")  # "int range"
+    label = METAVARS.get(tag, tag.upper())
+    if p.param_type_name == "argument":
+        p.metavar = p.name.upper()
+        p.display_type_rich = lambda ctx: ""
+        p._usage_display_name = lambda: p.metavar if p.required else f"[{p.metavar}]"
+    elif not getattr(p, "is_flag", False):
+        p.display_type_rich = lambda ctx: label
+
+
+app = App(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help and errors: no boxes
     help="Run Google's Gemma 3 models on your own machine, with MLX.",
 )
 
