@@ -242,6 +242,11 @@ def test_terminal_chat_commands_say_what_they_did(gemma3_home, tmp_path):
         assert "error: gemma-3-270m is a text-only model: it cannot see images" in t.say("/image photo.jpg")
         assert "system prompt set: Answer in French." in t.say("/system Answer in French.")
         assert "cleared the conversation (1 exchange); the system prompt is kept" in t.say("/reset")
+        os.write(t.master, b"\x1b[200~Pasted one\nPasted two\x1b[201~\n")  # a bracketed paste of two lines
+        t.expect(">>> ")
+        t.say(f"/save {tmp_path / 'pasted.json'}")
+        pasted = json.loads((tmp_path / "pasted.json").read_text())["messages"]
+        assert [m["content"] for m in pasted if m["role"] == "user"] == ["Pasted one\nPasted two"]  # one message
         assert "error: usage: /set NAME VALUE" in t.say("/set bogus 1")
         assert "error: top-p must be in (0, 1]" in t.say("/set top-p 3")
         os.write(t.master, b"\x04")
