@@ -29,7 +29,7 @@ from ..errors import Gemma3Error
 from ..generate import stream_generate
 from ..image import load_image
 from ..loader import load, load_config
-from ..models import DEFAULT_MODEL, cache_dir, models_dir, resolve
+from ..models import DEFAULT_MODEL, cache_dir, models_dir, remove, resolve
 from ..prompt_cache import PromptCache
 
 # Usage metavars as click writes them: Typer's own are type tags (`<int range>`) and `{prompt}`.
@@ -308,12 +308,29 @@ def models():
     with user_errors():
         root = models_dir()
         found = sorted(p for p in root.glob("*") if (p / "config.json").exists()) if root.exists() else []
+        where = "$GEMMA3_MLX_HOME/models" if os.environ.get("GEMMA3_MLX_HOME") else "set GEMMA3_MLX_HOME to move it"
         if not found:
-            typer.echo(f"no converted models in {root} yet (the default model is converted on first use)")
+            typer.echo(f"no converted models in {root} ({where}) yet (the default model is converted on first use)")
+        total = 0.0
         for p in found:
             kind, size, precision = _describe(p)
             tuned = KINDS[load_config(p).instruction_tuned]
             typer.echo(f"{p.name:40s} {size:9.1f} MB  {precision:10s} {tuned:17s}  {kind}")
+            total += size
+        if found:
+            typer.echo(f"{len(found)} model{'s' * (len(found) != 1)}, {total:.1f} MB, in {root} ({where}); "
+                       "gemma3 rm NAME deletes one")
+
+
+@app.command()
+def rm(name: str = typer.Argument(..., help="A converted model's name, as `gemma3 models` lists it.")):
+    """Delete a converted model from the cache.
+
+    Example: gemma3 rm gemma-3-270m-it-q8
+    """
+    with user_errors():
+        freed = remove(name)
+        typer.echo(f"removed {name} ({freed / 1e6:.1f} MB)")
 
 
 @app.command()

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,7 +202,7 @@ def test_quiet_prints_only_the_output(tmp_path):
     assert loud.returncode == 0 and "warning: " in loud.stderr and "\x1b[" not in loud.stderr  # no colours in a pipe
 
 
-@pytest.mark.parametrize("command", ["generate", "convert", "chat", "check", "bench", "models", "info"])
+@pytest.mark.parametrize("command", ["generate", "convert", "chat", "check", "bench", "models", "info", "rm"])
 def test_every_command_has_help_with_an_example(command):
     r = run([command, "--help"])
     assert r.returncode == 0 and "Example" in r.stdout
@@ -268,3 +269,47 @@ def test_base_or_instruction_tuned_is_recorded_shown_and_warned_about(gemma3_hom
         with pytest.warns(UserWarning):  # no tokenizer.model in the fixture
             convert(src, tmp_path / f"{name}-out")
         assert json.loads((tmp_path / f"{name}-out" / "config.json").read_text())["instruction_tuned"] is tuned, name
+
+
+def test_models_shows_the_cache_and_rm_deletes_from_it(tiny_dirs, tmp_path):
+    home = tmp_path / "home"
+    shutil.copytree(tiny_dirs["tiny_v5"], home / "models" / "tiny-one")
+    r = run(["models"], home=home)
+    assert r.returncode == 0 and r.stdout.startswith("tiny-one ")
+    assert "1 model, " in r.stdout and str(home / "models") in r.stdout and "GEMMA3_MLX_HOME" in r.stdout
+    assert "gemma3 rm NAME" in r.stdout
+    for bad in ("nope", "..", "../home"):
+        r = run(["rm", bad], home=home)
+        assert_clean_failure(r)
+        assert "gemma3 models lists them" in r.stderr
+    r = run(["rm", "tiny-one"], home=home)
+    assert r.returncode == 0 and r.stdout.startswith("removed tiny-one (") and r.stdout.strip().endswith("MB)")
+    assert not (home / "models" / "tiny-one").exists() and (home / "models").is_dir()
+    assert "no converted models in " in run(["models"], home=home).stdout
+
+
+def test_a_gguf_is_converted_once_per_content(tmp_path, monkeypatch):
+    """Another path to the same GGUF (or a copy) finds the conversion already made: no second copy."""
+    from gemma3_mlx import models
+
+    monkeypatch.setenv("GEMMA3_MLX_HOME", str(tmp_path / "home"))
+    made = []
+
+    def fake_convert(source, out, progress, **options):  # the conversion itself is tested elsewhere
+        made.append(Path(source))
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(models, "_convert_into", fake_convert)
+    a = tmp_path / "a" / "model.gguf"
+    a.parent.mkdir()
+    a.write_bytes(b"GGUF" + bytes(range(256)) * 100)
+    b = tmp_path / "b" / "renamed.gguf"
+    b.parent.mkdir()
+    shutil.copy(a, b)
+    first = models.resolve(a)
+    assert models.resolve(b) == first and models.resolve(str(a)) == first and len(made) == 1
+    assert first.parent == tmp_path / "home" / "models" and first.name.startswith("model-")
+    b.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 100)  # other content: its own conversion
+    assert models.resolve(b) != first and len(made) == 2
