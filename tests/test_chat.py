@@ -292,6 +292,26 @@ def test_terminal_ctrl_c_stops_the_reply_and_keeps_the_session(gemma3_home):
     assert "\x1b[1;32m" not in t.raw and "\x1b[2m" not in t.raw  # NO_COLOR is respected
 
 
+def test_terminal_ctrl_c_while_the_prompt_is_processed_takes_the_turn_back(gemma3_home):
+    import signal
+
+    t = Terminal(["-n", "4"], gemma3_home, NO_COLOR="1")
+    try:
+        t.expect(">>> ")
+        t.say("Hi")
+        long = " ".join(f"w{i}" for i in range(3000))  # seconds of prompt processing
+        os.write(t.master, b"\x1b[200~" + long.encode() + b" END\x1b[201~\n")
+        t.expect("END", timeout=60)  # the echo of the message
+        t.proc.send_signal(signal.SIGINT)
+        assert "[stopped before the reply began: the turn was taken back]" in t.expect(">>> ")
+        assert "conversation 1 exchange, " in t.say("/stats")  # only "Hi" and its reply
+        os.write(t.master, b"\x04")
+        assert t.proc.wait(timeout=60) == 0
+    finally:
+        t.close()
+    assert "Traceback" not in t.raw
+
+
 def test_images_stay_in_their_turn_and_are_reused(seeing_270m_dir):
     """An image sent with turn 1 stays in turn 1 when turn 2 is rendered, so turn 2 runs only its own tokens."""
     from gemma3_mlx.model import image_spans_of as _image_spans
