@@ -19,7 +19,7 @@ import atexit
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -35,8 +35,7 @@ STOP_IDS = (1, 106)  # <eos>, <end_of_turn>: the one list of default stop tokens
 atexit.register(mx.synchronize)
 
 
-@dataclass(frozen=True)
-class Stats:
+class Stats(NamedTuple):
     """Where a sequence's time went (seconds), as of the event that carries it."""
 
     prompt_tokens: int = 0
@@ -67,8 +66,7 @@ class Stats:
         return max(self.generation_tokens - 1, 0) / max(self.generation_time, 1e-9)
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):
     """One token of one sequence. `finish_reason` is "stop" (the token is a stop token), "length",
     "cancelled" (token is None) or None while the sequence runs. `logprob`/`top_logprobs` (natural
     log, of the model's distribution before sampling filters) only when the sequence asked."""
@@ -132,6 +130,7 @@ class Engine:
         self.pending: mx.array | None = None  # (B,) sampled tokens, not yet fed nor read
         self._uids = itertools.count()
         self._ahead = None
+        self._cancels = False  # a cancel() is waiting for the next step
 
     # ------------------------------------------------------------------ requests
 
@@ -166,7 +165,7 @@ class Engine:
         """Stop a sequence at the next step (its cache keeps what it produced so far)."""
         for seq in itertools.chain(self.waiting, self.rows, self.spec):
             if seq.uid == uid:
-                seq.cancelled = True
+                seq.cancelled = self._cancels = True
 
     @property
     def has_work(self) -> bool:
@@ -188,6 +187,38 @@ class Engine:
     # ------------------------------------------------------------------ the loop
 
     def step(self) -> list[Event]:
+        events = self._drop_cancelled() if self._cancels else []
+        if self.waiting:
+            events += self._prefill()
+        for seq in list(self.spec):
+            events += self._round(seq)
+        if not self.rows:
+            return events
+        try:
+            new = self._decode()
+            values = self.pending.tolist()  # step n's tokens: the device is already on step n+1
+            lps = [self._read_logprobs(seq) for seq in self.rows] if self._logprob_rows else None
+        except BaseException:  # e.g. Ctrl-C: put every layer back where the rows are
+            self._realign()
+            raise
+        leaving = []
+        for i, (seq, tok) in enumerate(zip(self.rows, values)):
+            seq.tokens.append(tok)
+            finish = "stop" if tok in seq.stop_ids else "length" if len(seq.tokens) >= seq.max_tokens else None
+            if lps is None:
+                events.append(Event(seq.uid, tok, finish, seq.stats()))
+            else:
+                events.append(Event(seq.uid, tok, finish, seq.stats(), *lps[i]))
+                seq.lp_pending, seq.lp_next = seq.lp_next, None
+            if finish:
+                leaving.append((i, finish))
+        self.pending = new
+        if leaving:
+            self._leave(leaving, new)
+        return events
+
+    def _drop_cancelled(self) -> list[Event]:
+        self._cancels = False
         events = []
         for seq in [s for s in self.waiting if s.cancelled]:
             seq.steps.close()
@@ -201,29 +232,6 @@ class Engine:
             self.spec.remove(seq)
             self._finish_spec(seq, "cancelled")
             events.append(Event(seq.uid, None, "cancelled", seq.stats()))
-        events += self._prefill()
-        for seq in list(self.spec):
-            events += self._round(seq)
-        if not self.rows:
-            return events
-        try:
-            new = self._decode()
-            values = self.pending.tolist()  # step n's tokens: the device is already on step n+1
-            lps = [self._read_logprobs(seq) for seq in self.rows]
-        except BaseException:  # e.g. Ctrl-C: put every layer back where the rows are
-            self._realign()
-            raise
-        leaving = []
-        for i, (seq, tok) in enumerate(zip(self.rows, values)):
-            seq.tokens.append(tok)
-            finish = "stop" if tok in seq.stop_ids else "length" if len(seq.tokens) >= seq.max_tokens else None
-            events.append(Event(seq.uid, tok, finish, seq.stats(), *lps[i]))
-            seq.lp_pending, seq.lp_next = seq.lp_next, None
-            if finish:
-                leaving.append((i, finish))
-        self.pending = new
-        if leaving:
-            self._leave(leaving, new)
         return events
 
     def _prefill(self) -> list[Event]:
@@ -364,13 +372,19 @@ class Engine:
         else:
             new = mx.concatenate([s.sampler(logits[i : i + 1], s.history if s.history is not None else ())
                                   for i, s in enumerate(rows)])
-        for i, s in enumerate(rows):
-            if s.history is not None:
-                s.history = mx.concatenate([s.history, new[i : i + 1]])
-        if any(s.logprobs is not None for s in rows):
+            for i, s in enumerate(rows):
+                if s.history is not None:
+                    s.history = mx.concatenate([s.history, new[i : i + 1]])
+        if self._logprob_rows:
             self._logprobs(logits, new, rows)
-        mx.async_eval(new, *(x for s in rows if s.lp_next for x in s.lp_next if x is not None))
+            mx.async_eval(new, *(x for s in rows if s.lp_next for x in s.lp_next if x is not None))
+        else:
+            mx.async_eval(new)
         return new
+
+    @property
+    def _logprob_rows(self) -> bool:
+        return any(s.logprobs is not None for s in self.rows)
 
     @staticmethod
     def _logprobs(logits, tokens, rows) -> None:
