@@ -159,3 +159,19 @@ def test_270m_speculation_equals_plain_greedy(model_270m, default_model_dir):
         pieces = list(gemma3_mlx.stream_generate(model, tok, prompt, max_tokens=300, **kw))
         assert "".join(p.text for p in pieces) == want
         assert pieces[-1].stats.target_steps > 0
+
+
+@pytest.mark.slow
+def test_cli_prompt_lookup_same_text_and_acceptance_in_stats(default_model_dir, gemma3_home):
+    import os
+    import subprocess
+    import sys
+
+    prompt = "Alice said: the quick brown fox jumps over the lazy dog. Bob repeated: the quick brown fox"
+    env = dict(os.environ, GEMMA3_MLX_HOME=str(gemma3_home), NO_COLOR="1")
+    runs = [subprocess.run([sys.executable, "-m", "gemma3_mlx.cli.main", "generate", "-m", str(default_model_dir),
+                            "--raw", prompt, "-n", "24", "--stats", *extra], capture_output=True, text=True, env=env,
+                           timeout=300) for extra in ([], ["--prompt-lookup"])]
+    assert all(r.returncode == 0 for r in runs), runs[1].stderr
+    assert runs[0].stdout == runs[1].stdout and "jumps over the lazy dog" in runs[1].stdout
+    assert "accepted" not in runs[0].stderr and "% accepted" in runs[1].stderr and "tokens per target step" in runs[1].stderr
