@@ -227,13 +227,17 @@ def test_decode_step_is_queued_before_its_token_is_read(models, monkeypatch):
     monkeypatch.undo()
 
 
-def test_an_image_row_batches_with_text_rows():
+def image_prompt():
+    """The tiny vision fixture with its one-image prompt: (model, ids, images, reference arrays)."""
     vlm = FIXTURES / "tiny_vlm"
     model = load_model(vlm, dtype="float32")
     ref = {k: np.array(v) for k, v in mx.load(str(vlm / "ref.safetensors")).items()}
     spec = json.loads((vlm / "prompts.json").read_text())["prompts"]["one_image"]
-    ids = ref["one_image.input_ids"][0].tolist()
-    images = list(ref["pixels_nhwc"][spec["images"]])
+    return model, ref["one_image.input_ids"][0].tolist(), list(ref["pixels_nhwc"][spec["images"]]), ref
+
+
+def test_an_image_row_batches_with_text_rows():
+    model, ids, images, ref = image_prompt()
     text = prompts_for(model, [7, 30], seed=9)
     want = [alone(model, ids, 10, images=images)] + [alone(model, p, 10) for p in text]
     # The image row's first token is the reference's greedy choice.

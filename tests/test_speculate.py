@@ -2,21 +2,17 @@
 any k, past many windows, quantized KV, an image in the prompt); sampled output follows the
 target's distribution (chi-square); rounds take back rejected guesses exactly."""
 
-import json
-
 import numpy as np
 import pytest
 
 import gemma3_mlx
 import mlx.core as mx
 
-from conftest import FIXTURES
 from gemma3_mlx.engine import Engine
-from gemma3_mlx.loader import load_model
 from gemma3_mlx.prompt_cache import PromptCache
 from gemma3_mlx.sample import make_sampler
 from gemma3_mlx.speculate import DraftModel, PromptLookup, accept_sampled
-from test_engine import alone, prompts_for, tiny_model
+from test_engine import alone, image_prompt, prompts_for, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +65,7 @@ def test_greedy_speculation_with_quantized_global_kv(pairs, monkeypatch):
 
 
 def test_greedy_speculation_with_an_image_in_the_prompt(monkeypatch):
-    vlm = FIXTURES / "tiny_vlm"
-    model = load_model(vlm, dtype="float32")
-    ref = {k: np.array(v) for k, v in mx.load(str(vlm / "ref.safetensors")).items()}
-    spec = json.loads((vlm / "prompts.json").read_text())["prompts"]["one_image"]
-    ids = ref["one_image.input_ids"][0].tolist()
-    images = list(ref["pixels_nhwc"][spec["images"]])
+    model, ids, images, _ = image_prompt()
     want = alone(model, ids, 60, images=images)
     monkeypatch.setattr(Engine, "_paying", staticmethod(lambda seq: True))
     for draft in (PromptLookup(), DraftModel(model)):  # a draft reads the image block as padding
