@@ -26,7 +26,7 @@ import mlx.core as mx
 from .cache import ROLLBACK
 from .prompt_cache import PromptCache
 from .sample import Sampler, make_sampler
-from .speculate import accept_greedy, accept_sampled
+from .speculate import paying, run_round
 
 STOP_IDS = (1, 106)  # <eos>, <end_of_turn>: the one list of default stop tokens
 
@@ -283,37 +283,8 @@ class Engine:
     # ------------------------------------------------------------------ speculation
 
     def _round(self, seq: _Sequence) -> list[Event]:
-        """One speculative round of one row: propose k tokens, check them all in one target pass, keep
-        those the target agrees with plus its own next token, and take the rest back from the caches.
-        Before a round the row's cache holds prompt + tokens[:-1]; after it, prompt + tokens[:-1] again."""
-        ctx = seq.prompt + seq.tokens
-        t0 = time.perf_counter()
-        try:
-            drafts, q = seq.draft.propose(ctx, seq.k, seq.sampler)
-        except ValueError:  # e.g. past the draft model's context: go on without drafting
-            drafts, q, seq.rounds = [], None, max(seq.rounds, 8)
-        vocab = self.model.config.text.vocab_size  # a guess the target has no row for ends the guesses
-        n = next((i for i, t in enumerate(drafts[: seq.k]) if t >= vocab), min(len(drafts), seq.k))
-        drafts, q = drafts[:n], (q[:n, :vocab] if q is not None else None)
-        t1 = time.perf_counter()
-        logits = seq.cache.feed([ctx[-1]] + drafts, logits="all")  # (k+1, V)
-        if seq.sampler.greedy:
-            out = accept_greedy(logits, drafts)
-        else:
-            if seq.sampler.uses_history:  # each position is penalized by what precedes it
-                p = mx.concatenate([seq.sampler.probs(logits[i : i + 1], ctx + drafts[:i])
-                                    for i in range(len(drafts) + 1)])
-            else:
-                p = seq.sampler.probs(logits)
-            out = accept_sampled(p, q, drafts, seq.sampler.next_key())
-        kept = len(out) - 1
-        seq.cache.trim(len(drafts) - kept)
-        t2 = time.perf_counter()
-        seq.proposed, seq.accepted, seq.rounds = seq.proposed + len(drafts), seq.accepted + kept, seq.rounds + 1
-        # Recent cost of proposing and of checking, and tokens gained per round (decaying averages).
-        seq.spent = [0.7 * a + 0.3 * b for a, b in zip(seq.spent, (t1 - t0, t2 - t1, kept + 1))]
-        if drafts:  # grow k while everything is kept; otherwise just past what was kept
-            seq.k = min(seq.k + 1, seq.k_max) if kept == len(drafts) else max(1, kept + 1)
+        """One speculative round of one row (speculate.run_round), then its tokens out."""
+        out = run_round(seq, self.model.config.text.vocab_size)
         events = self._emit_spec(seq, out)
         if seq in self.spec and seq.rounds >= 8 and not self._paying(seq):
             self._to_plain(seq)
@@ -321,12 +292,7 @@ class Engine:
 
     @staticmethod
     def _paying(seq: _Sequence) -> bool:
-        """Speculation pays when the acceptance holds up (>= 40%) and the tokens a round gains beat
-        what the round costs over a plain step (checking k+1 tokens costs about one plain step)."""
-        draft_time, check_time, gained = seq.spent
-        if seq.accepted < 0.4 * seq.proposed:
-            return False
-        return gained * check_time > draft_time + check_time
+        return paying(seq)
 
     def _emit_spec(self, seq: _Sequence, out: list[int]) -> list[Event]:
         if seq not in self.spec:

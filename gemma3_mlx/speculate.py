@@ -15,6 +15,8 @@ output follows the target's distribution p whatever the proposer (Leviathan et a
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 
 from .prompt_cache import PromptCache
@@ -120,3 +122,47 @@ def accept_sampled(p: mx.array, q: mx.array | None, drafts: list[int], key=None)
     kept, draws = kept.tolist(), draws.tolist()
     a = kept.index(False) if False in kept else k
     return drafts[:a] + [draws[a]]
+
+
+def run_round(seq, vocab: int) -> list[int]:
+    """One round for one sequence (the engine's row: prompt, tokens, cache, sampler, draft, k and
+    counters): propose k tokens, check them all in one target pass, keep those the target agrees
+    with plus its own next token, take the rest back from the cache; returns the tokens out.
+    Before and after a round the cache holds prompt + tokens[:-1] (the last token out is not run)."""
+    ctx = seq.prompt + seq.tokens
+    t0 = time.perf_counter()
+    try:
+        drafts, q = seq.draft.propose(ctx, seq.k, seq.sampler)
+    except ValueError:  # e.g. past the draft model's context: go on without drafting
+        drafts, q, seq.rounds = [], None, max(seq.rounds, 8)
+    # A guess the target has no row for (a larger draft table) ends the guesses.
+    n = next((i for i, t in enumerate(drafts[: seq.k]) if t >= vocab), min(len(drafts), seq.k))
+    drafts, q = drafts[:n], (q[:n, :vocab] if q is not None else None)
+    t1 = time.perf_counter()
+    logits = seq.cache.feed([ctx[-1]] + drafts, logits="all")  # (k+1, V)
+    if seq.sampler.greedy:
+        out = accept_greedy(logits, drafts)
+    else:
+        if seq.sampler.uses_history:  # each position is penalized by what precedes it
+            p = mx.concatenate([seq.sampler.probs(logits[i : i + 1], ctx + drafts[:i]) for i in range(n + 1)])
+        else:
+            p = seq.sampler.probs(logits)
+        out = accept_sampled(p, q, drafts, seq.sampler.next_key())
+    kept = len(out) - 1
+    seq.cache.trim(n - kept)
+    t2 = time.perf_counter()
+    seq.proposed, seq.accepted, seq.rounds = seq.proposed + n, seq.accepted + kept, seq.rounds + 1
+    # Recent cost of proposing and of checking, and tokens gained per round (decaying averages).
+    seq.spent = [0.7 * a + 0.3 * b for a, b in zip(seq.spent, (t1 - t0, t2 - t1, kept + 1))]
+    if n:  # grow k while everything is kept; otherwise just past what was kept
+        seq.k = min(seq.k + 1, seq.k_max) if kept == n else max(1, kept + 1)
+    return out
+
+
+def paying(seq) -> bool:
+    """Speculation pays when the acceptance holds up (>= 40%) and the tokens a round gains beat what
+    the round costs over a plain step (checking k+1 tokens costs about one plain step)."""
+    draft_time, check_time, gained = seq.spent
+    if seq.accepted < 0.4 * seq.proposed:
+        return False
+    return gained * check_time > draft_time + check_time
