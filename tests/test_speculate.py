@@ -8,6 +8,7 @@ import pytest
 import gemma3_mlx
 import mlx.core as mx
 
+from gemma3_mlx.convert.quality import TEXT
 from gemma3_mlx.engine import Engine
 from gemma3_mlx.prompt_cache import PromptCache
 from gemma3_mlx.sample import make_sampler
@@ -139,11 +140,10 @@ def test_accepted_tokens_follow_the_target_distribution(proposer):
 @pytest.mark.slow
 def test_270m_speculation_equals_plain_greedy(model_270m, default_model_dir):
     """A 700-token prompt (past the 512-token window) and 160 greedy tokens on the real 270M (float32):
-    prompt lookup, and the
-    4-bit 270M (the default model's Q4_K_M weights) drafting for the float one: identical text."""
+    prompt lookup, and the 4-bit 270M (the default model's Q4_K_M weights) drafting for the float one:
+    identical text."""
     model, tok = model_270m
     draft_model, _ = gemma3_mlx.load(default_model_dir)
-    from gemma3_mlx.convert.quality import TEXT
 
     prompt = tok.encode("Repeat the following text exactly.\n\n" + (TEXT + "\n\n") * 3)[:700]
     assert len(prompt) == 700
