@@ -18,6 +18,7 @@ from typing import Iterator
 from .generate import GenerationResponse, stream_generate
 from .prompt import MARKER, prompt_ids
 from .prompt_cache import PromptCache
+from .speculate import DraftModel, PromptLookup
 from .sample import make_sampler, validate
 
 # The settings a session can change, with their defaults (those of stream_generate).
@@ -27,8 +28,11 @@ _SAMPLER_KEYS = ("temp", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
 class ChatSession:
-    def __init__(self, model, tokenizer, system: str | None = None, pan_and_scan: bool = False, **sampling):
+    def __init__(self, model, tokenizer, system: str | None = None, pan_and_scan: bool = False, *,
+                 draft_model=None, prompt_lookup: bool = False, **sampling):
         self.model, self.tokenizer = model, tokenizer
+        # Speculative decoding: a draft model keeps its own prompt cache through the conversation.
+        self.draft = DraftModel(draft_model) if draft_model is not None else PromptLookup() if prompt_lookup else None
         self.system = system
         self.pan_and_scan = pan_and_scan
         self.sampling: dict = {}  # max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed (see SETTINGS)
@@ -139,7 +143,7 @@ class ChatSession:
         try:
             for r in stream_generate(self.model, self.tokenizer, msgs, cache=self.cache, images=images or None,
                                      pan_and_scan=self.pan_and_scan, max_tokens=self.settings["max_tokens"],
-                                     sampler=self.sampler):
+                                     sampler=self.sampler, draft=self.draft):
                 pieces.append(r.text)
                 if r.token is not None:
                     ids.append(r.token)

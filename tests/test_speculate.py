@@ -168,3 +168,20 @@ def test_cli_prompt_lookup_same_text_and_acceptance_in_stats(default_model_dir, 
     assert all(r.returncode == 0 for r in runs), runs[1].stderr
     assert runs[0].stdout == runs[1].stdout and "jumps over the lazy dog" in runs[1].stdout
     assert "accepted" not in runs[0].stderr and "% accepted" in runs[1].stderr and "tokens per target step" in runs[1].stderr
+
+
+@pytest.mark.slow
+def test_chat_with_a_draft_model_gives_the_same_replies(model_270m):
+    """Greedy chat with the 270M drafting for itself: the same replies as plain chat, every guess kept,
+    and the draft's own prompt cache carried from turn to turn (only the new tokens run for it)."""
+    model, tok = model_270m
+    plain = gemma3_mlx.ChatSession(model, tok, max_tokens=12)
+    fast = gemma3_mlx.ChatSession(model, tok, max_tokens=12, draft_model=model)
+    for question in ("What is the capital of France?", "And of Italy?"):
+        want = "".join(p.text for p in plain.send(question))
+        draft_before = len(fast.draft.cache.tokens)
+        got = "".join(p.text for p in fast.send(question))
+        assert got == want
+        assert fast.last.stats.acceptance == 1.0 and fast.last.stats.tokens_per_step > 1.5
+        if draft_before:
+            assert fast.draft.cache.reprocessed < len(fast.cache.tokens) - draft_before + 8
