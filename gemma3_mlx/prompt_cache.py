@@ -109,18 +109,23 @@ class PromptCache:
                 c.trim(drop)
             keep = n
         else:
-            keep = max((s for s in self.snapshots if s <= n), default=0)
-            if keep == 0:
-                self.layers = self.model.make_cache(**self.cache_args)
-            else:
-                for c, saved in zip(self.layers, self.snapshots[keep][0]):
-                    if isinstance(c, WindowCache):
-                        c.restore(_copy(saved), keep)
-                    else:
-                        c.trim(c.offset - keep)
+            keep = self._restore_snapshot(n)
         self.tokens = self.tokens[:keep]
         self.images = [blk for blk in self.images if blk[1] <= keep]
         self.snapshots = {s: v for s, v in self.snapshots.items() if s <= keep}
+        return keep
+
+    def _restore_snapshot(self, n: int) -> int:
+        """Put every layer back to the nearest snapshot at or before n (or empty); returns its length."""
+        keep = max((s for s in self.snapshots if s <= n), default=0)
+        if keep == 0:
+            self.layers = self.model.make_cache(**self.cache_args)
+        else:
+            for c, saved in zip(self.layers, self.snapshots[keep][0]):
+                if isinstance(c, WindowCache):
+                    c.restore(_copy(saved), keep)
+                else:
+                    c.trim(c.offset - keep)
         return keep
 
     def trim(self, k: int) -> None:
@@ -151,10 +156,19 @@ class PromptCache:
         return out[0] if logits == "all" else out[:, -1, :]  # (L, V) for "all", else (1, V)
 
     def realign(self) -> None:
-        """Make every layer hold exactly `tokens` again after an interrupted step."""
-        for c in self.layers:
-            if c.offset > len(self.tokens):
-                c.trim(c.offset - len(self.tokens))
+        """Make every layer hold exactly `tokens` again after an interrupted step. A chunk longer than
+        the rings can take back, interrupted halfway through the layers, sends the cache back to its
+        last snapshot (a prefix of `tokens`: the next prefill re-processes the rest)."""
+        n = len(self.tokens)
+        over = [c for c in self.layers if c.offset > n]
+        if all(not isinstance(c, WindowCache) or c.can_trim() >= c.offset - n for c in over):
+            for c in over:
+                c.trim(c.offset - n)
+            return
+        keep = self._restore_snapshot(n)
+        self.tokens = self.tokens[:keep]
+        self.images = [blk for blk in self.images if blk[1] <= keep]
+        self.snapshots = {s: v for s, v in self.snapshots.items() if s <= keep}
 
     def _features(self, pixels) -> mx.array:
         """Soft-token embeddings of one image block, encoded once per content (LRU of 16)."""

@@ -125,3 +125,29 @@ def test_prompt_cache_trim_past_the_ring_uses_a_snapshot(model):
     got = np.array(pc.prefill(ids[: 2 * W] + [8, 9]))
     want = scratch(model, ids[: 2 * W] + [8, 9], 1, None)[:, -1]
     assert np.abs(got - want).max() <= 1e-5 and pc.reprocessed == 2
+
+
+def test_a_long_chunk_interrupted_halfway_through_the_layers_falls_back_to_a_snapshot(model, monkeypatch):
+    """Ctrl-C in the middle of a prefill chunk longer than the rings can take back: the layers that
+    ran it cannot trim, so the cache returns to its snapshot and the next prefill is still exact."""
+    ids = ids_of(6 * W, 4)
+    pc = PromptCache(model, rollback=K)
+    pc.prefill(ids[: 2 * W])
+    pc.snapshot()
+    layer = type(model.model.layers[2])
+    real = layer.__call__
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # layers 0 and 1 have taken the chunk, layer 2 has not
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(layer, "__call__", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        pc.prefill(ids, chunk=3 * W)  # chunks of 3W > K
+    monkeypatch.undo()
+    assert all(c.offset == len(pc.tokens) for c in pc.layers) and pc.tokens == ids[: len(pc.tokens)]
+    got = np.array(pc.prefill(ids))
+    assert np.abs(got - scratch(model, ids, 1, None)[:, -1]).max() <= 1e-5
