@@ -118,6 +118,39 @@ def test_undo_counts_its_tokens_and_forgets_the_statistics(session_parts):
     assert chat.undo() == one and chat.messages == [] and chat.undo() is None
 
 
+def test_ctrl_c_inside_a_prefill_chunk_leaves_a_usable_session(session_parts):
+    """Ctrl-C while a 512-token chunk runs, after the window rings took it (more than they can take back):
+    the turn is taken back, the Ctrl-C (not a cache error) reaches the caller, and the next turn is right."""
+    model, tok = session_parts
+
+    class Interrupted:  # the model, interrupted once right after its layers took a chunk
+        def __init__(self):
+            self.armed = False
+
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def __call__(self, *args, **kwargs):
+            out = model(*args, **kwargs)
+            if self.armed and args[0].shape[1] >= 512:
+                self.armed = False
+                raise KeyboardInterrupt
+            return out
+
+    chat = ChatSession(model, tok, max_tokens=4)
+    text(chat.send("Hi"))
+    kept = [dict(m) for m in chat.messages]
+    chat.cache.model = interrupted = Interrupted()
+    interrupted.armed = True
+    with pytest.raises(KeyboardInterrupt):
+        text(chat.send("word " * 700))
+    assert chat.messages == kept
+    again = text(chat.send("And?"))
+    fresh = ChatSession(model, tok, max_tokens=4)
+    text(fresh.send("Hi"))
+    assert again == text(fresh.send("And?"))
+
+
 def test_chat_bad_model_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gemma3_mlx.cli.main", "chat", "-m", str(tmp_path / "nope")],
                        input="", capture_output=True, text=True, timeout=120)
