@@ -151,15 +151,9 @@ class ChatSession:
                 yield r
                 if self._cancel.is_set():
                     break
-        except BaseException as e:
+        except BaseException:
             if not pieces:  # nothing was said: the conversation is as it was
                 self.messages[:] = before
-            if any(c.offset != len(self.cache.tokens) for c in self.cache.layers):
-                # A prefill chunk interrupted past what the window rings can take back (PromptCache.realign
-                # fails then): start a fresh cache, so the next turn re-processes the conversation correctly.
-                self.cache = PromptCache(self.model)
-                if isinstance(e.__context__, KeyboardInterrupt):  # the Ctrl-C that caused it, not realign's error
-                    raise e.__context__ from None
             raise
         finally:  # a cancelled or interrupted reply keeps what was said so far
             if pieces:  # its ids go back into the next prompt as generated, so the cache matches it

@@ -327,6 +327,7 @@ def test_terminal_ctrl_c_stops_the_reply_and_keeps_the_session(gemma3_home):
 
 def test_terminal_ctrl_c_while_the_prompt_is_processed_takes_the_turn_back(gemma3_home):
     import signal
+    import time
 
     t = Terminal(["-n", "4"], gemma3_home, NO_COLOR="1")
     try:
@@ -334,7 +335,8 @@ def test_terminal_ctrl_c_while_the_prompt_is_processed_takes_the_turn_back(gemma
         t.say("Hi")
         long = " ".join(f"w{i}" for i in range(3000))  # seconds of prompt processing
         os.write(t.master, b"\x1b[200~" + long.encode() + b" END\x1b[201~\n")
-        t.expect("END", timeout=60)  # the echo of the message
+        t.expect("END\r\n", timeout=60)  # the echo of the message, and of Enter: the line was read
+        time.sleep(0.5)  # past input(): its return and the rendering of the prompt take a moment
         t.proc.send_signal(signal.SIGINT)
         assert "[stopped before the reply began: the turn was taken back]" in t.expect(">>> ")
         assert "conversation 1 exchange, " in t.say("/stats")  # only "Hi" and its reply
