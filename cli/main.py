@@ -380,6 +380,8 @@ def bench(
     context: int = typer.Option(0, "--context", min=0, help="Tokens already in the cache before the prompt "
                                                              "(speed at that depth; not timed)."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the global KV cache to 4 or 8 bits."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Measure with this draft model speculating."),
+    prompt_lookup: bool = typer.Option(False, "--prompt-lookup", help="Measure with prompt-lookup speculation."),
     quiet: bool = QuietOpt,
 ):
     """Measure prefill and decode speed, time to first token, peak memory and KV bytes.
@@ -395,6 +397,7 @@ def bench(
         if context + prompt_tokens + gen_tokens > limit:
             fail(f"--context + --prompt-tokens + --gen-tokens is {context + prompt_tokens + gen_tokens}, "
                  f"more than the model's context of {limit}")
+        draft = load(resolve_model(draft_model))[0] if draft_model else None
         base = tokenizer.encode(TEXT, add_bos=False) if tokenizer else list(range(10, 400))
         n_ids = context + prompt_tokens
         ids = [2] + (base * (n_ids // len(base) + 1))[: n_ids - 1]
@@ -404,10 +407,12 @@ def bench(
             if context:
                 pc.prefill(ids[:context])  # the conversation so far: not timed
             mx.reset_peak_memory()
-            for last in stream_generate(model_obj, tokenizer, ids, cache=pc, max_tokens=gen_tokens, stop_ids=()):
+            for last in stream_generate(model_obj, tokenizer, ids, cache=pc, max_tokens=gen_tokens, stop_ids=(),
+                                        draft_model=draft, prompt_lookup=prompt_lookup):
                 pass
             s = last.stats
-            rows.append((s.prompt_tps, s.generation_tps, s.prompt_time, mx.get_peak_memory() / 1e9, pc.nbytes))
+            rows.append((s.prompt_tps, s.generation_tps, s.prompt_time, mx.get_peak_memory() / 1e9, pc.nbytes,
+                         s.acceptance, s.tokens_per_step))
         depth = f" after {context} tokens of context" if context else ""
         typer.echo(f"{prompt_tokens} prompt tokens{depth}, {gen_tokens} generated, {repeats} runs (min / median)")
         for i, (label, fmt) in enumerate([("prefill tok/s", "{:.1f}"), ("decode tok/s", "{:.2f}"),
@@ -415,6 +420,9 @@ def bench(
             col = [r[i] for r in rows]
             typer.echo(f"{label:16s} {fmt.format(min(col))} / {fmt.format(statistics.median(col))}")
         typer.echo(f"{'KV cache MB':16s} {rows[-1][4] / 1e6:.1f}")
+        if draft is not None or prompt_lookup:
+            typer.echo(f"{'drafts accepted':16s} {min(r[5] for r in rows):.0%} / {statistics.median(r[5] for r in rows):.0%}")
+            typer.echo(f"{'tokens per step':16s} {min(r[6] for r in rows):.2f} / {statistics.median(r[6] for r in rows):.2f}")
 
 
 CHAT_HELP = '''commands: /image PATH  /system TEXT  /retry  /undo  /reset  /save FILE  /load FILE  /stats  /show

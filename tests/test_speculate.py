@@ -168,6 +168,13 @@ def test_cli_prompt_lookup_same_text_and_acceptance_in_stats(default_model_dir, 
     assert all(r.returncode == 0 for r in runs), runs[1].stderr
     assert runs[0].stdout == runs[1].stdout and "jumps over the lazy dog" in runs[1].stdout
     assert "accepted" not in runs[0].stderr and "% accepted" in runs[1].stderr and "tokens per target step" in runs[1].stderr
+    # bench repeats its built-in text to fill the prompt: prompt lookup finds it.
+    r = subprocess.run([sys.executable, "-m", "gemma3_mlx.cli.main", "bench", "-m", str(default_model_dir),
+                        "--prompt-tokens", "600", "--gen-tokens", "12", "--repeats", "1", "--prompt-lookup"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    accepted = next(line for line in r.stdout.splitlines() if line.startswith("drafts accepted"))
+    assert int(accepted.split()[2].rstrip("%")) > 50 and "tokens per step" in r.stdout
 
 
 @pytest.mark.slow
