@@ -8,6 +8,7 @@ streamed in and flushed shard by shard, so memory stays near one shard, not the 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -29,6 +30,9 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
         raise ConversionError(f"{out} already exists (use --force to overwrite it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: a converted model gets ordinary permissions
     try:
         yield tmp
         if out.exists():

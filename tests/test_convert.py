@@ -233,3 +233,18 @@ def test_bfloat16_round_trip_270m(gguf_270m, tmp_path):
     model, tok = gemma3_mlx.load(tmp_path / "bf16", dtype="float32")
     got = list(generate_tokens(model, tok.encode(META["greedy_prompt"]), max_tokens=8))
     assert got[:5] == REF["greedy.ids"][:5].tolist()
+
+
+def test_a_converted_model_gets_ordinary_permissions(tmp_path):
+    """mkdtemp makes 0700 directories; a converted model follows the umask like any other directory."""
+    import stat
+
+    from gemma3_mlx.convert.writer import atomic_directory
+
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "m") as tmp:
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
