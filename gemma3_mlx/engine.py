@@ -91,6 +91,7 @@ class _Sequence:
         self.draft, self.k, self.k_max = draft, k, k  # speculative decoding: proposer, tokens per round
         self.proposed = self.accepted = self.rounds = 0
         self.spent = [0.0, 0.0, 1.0]  # recent seconds proposing, checking, and tokens gained per round
+        self.plain_time = 0.0  # recent seconds of a plain one-token step (measured every 16th round)
         self.t_submit = time.perf_counter()
         self.t_first = None
         self.prompt_time = 0.0
@@ -188,9 +189,10 @@ class Engine:
 
     def step(self) -> list[Event]:
         events = self._drop_cancelled() if self._cancels else []
+        speculating = list(self.spec)  # a row joining now gets its first token out before its first round
         if self.waiting:
             events += self._prefill()
-        for seq in list(self.spec):
+        for seq in speculating:
             events += self._round(seq)
         if not self.rows:
             return events

@@ -22,6 +22,8 @@ import mlx.core as mx
 from .prompt_cache import PromptCache
 from .sample import Sampler
 
+PROBE_EVERY = 16  # every 16th round of a row is a plain step, timed: what speculating must beat
+
 
 class PromptLookup:
     """Propose what followed the most recent earlier occurrence of the context's last n tokens
@@ -130,9 +132,10 @@ def run_round(seq, vocab: int) -> list[int]:
     with plus its own next token, take the rest back from the cache; returns the tokens out.
     Before and after a round the cache holds prompt + tokens[:-1] (the last token out is not run)."""
     ctx = seq.prompt + seq.tokens
+    probe = seq.rounds % PROBE_EVERY == 0  # a plain one-token step: the cost a round must beat
     t0 = time.perf_counter()
     try:
-        drafts, q = seq.draft.propose(ctx, seq.k, seq.sampler)
+        drafts, q = ([], None) if probe else seq.draft.propose(ctx, seq.k, seq.sampler)
     except ValueError:  # e.g. past the draft model's context: go on without drafting
         drafts, q, seq.rounds = [], None, max(seq.rounds, 8)
     # A guess the target has no row for (a larger draft table) ends the guesses.
@@ -152,17 +155,19 @@ def run_round(seq, vocab: int) -> list[int]:
     seq.cache.trim(n - kept)
     t2 = time.perf_counter()
     seq.proposed, seq.accepted, seq.rounds = seq.proposed + n, seq.accepted + kept, seq.rounds + 1
-    # Recent cost of proposing and of checking, and tokens gained per round (decaying averages).
-    seq.spent = [0.7 * a + 0.3 * b for a, b in zip(seq.spent, (t1 - t0, t2 - t1, kept + 1))]
+    if probe:
+        seq.plain_time = t2 - t1 if not seq.plain_time else 0.5 * seq.plain_time + 0.5 * (t2 - t1)
+    else:  # recent cost of proposing and of checking, and tokens gained per round (decaying averages)
+        seq.spent = [0.7 * a + 0.3 * b for a, b in zip(seq.spent, (t1 - t0, t2 - t1, kept + 1))]
     if n:  # grow k while everything is kept; otherwise just past what was kept
         seq.k = min(seq.k + 1, seq.k_max) if kept == n else max(1, kept + 1)
     return out
 
 
 def paying(seq) -> bool:
-    """Speculation pays when the acceptance holds up (>= 40%) and the tokens a round gains beat what
-    the round costs over a plain step (checking k+1 tokens costs about one plain step)."""
+    """Speculation pays when the acceptance holds up (>= 40%) and a round (proposing + checking)
+    takes less time than the plain steps it replaces (tokens gained x a measured plain step)."""
     draft_time, check_time, gained = seq.spent
     if seq.accepted < 0.4 * seq.proposed:
         return False
-    return gained * check_time > draft_time + check_time
+    return gained * seq.plain_time > draft_time + check_time
