@@ -196,10 +196,11 @@ class Engine:
             events += self._round(seq)
         if not self.rows:
             return events
+        asked = any(s.logprobs is not None for s in self.rows)
         try:
-            new = self._decode()
+            new = self._decode(asked)
             values = self.pending.tolist()  # step n's tokens: the device is already on step n+1
-            lps = [self._read_logprobs(seq) for seq in self.rows] if self._logprob_rows else None
+            lps = [self._read_logprobs(seq) for seq in self.rows] if asked else None
         except BaseException:  # e.g. Ctrl-C: put every layer back where the rows are
             self._realign()
             raise
@@ -288,13 +289,9 @@ class Engine:
         """One speculative round of one row (speculate.run_round), then its tokens out."""
         out = run_round(seq, self.model.config.text.vocab_size)
         events = self._emit_spec(seq, out)
-        if seq in self.spec and seq.rounds >= 8 and not self._paying(seq):
+        if seq in self.spec and seq.rounds >= 8 and not paying(seq):
             self._to_plain(seq)
         return events
-
-    @staticmethod
-    def _paying(seq: _Sequence) -> bool:
-        return paying(seq)
 
     def _emit_spec(self, seq: _Sequence, out: list[int]) -> list[Event]:
         if seq not in self.spec:
@@ -331,8 +328,9 @@ class Engine:
             seq.history = mx.concatenate([seq.history, nxt])
         self._merge(seq, nxt)
 
-    def _decode(self):
-        """Queue one step for every row from the pending (lazy) tokens; returns the next tokens."""
+    def _decode(self, logprobs: bool):
+        """Queue one step for every row from the pending (lazy) tokens; returns the next tokens.
+        `logprobs`: some row asked for log-probabilities."""
         logits = self.model(self.pending[:, None], self.layers, logits="last")[:, -1, :]  # (B, V)
         rows = self.rows
         if all(s.sampler.greedy for s in rows):
@@ -343,16 +341,13 @@ class Engine:
             for i, s in enumerate(rows):
                 if s.history is not None:
                     s.history = mx.concatenate([s.history, new[i : i + 1]])
-        if self._logprob_rows:
+        if logprobs:
             self._logprobs(logits, new, rows)
             mx.async_eval(new, *(x for s in rows if s.lp_next for x in s.lp_next if x is not None))
         else:
             mx.async_eval(new)
         return new
 
-    @property
-    def _logprob_rows(self) -> bool:
-        return any(s.logprobs is not None for s in self.rows)
 
     @staticmethod
     def _logprobs(logits, tokens, rows) -> None:
