@@ -8,13 +8,10 @@ only on a terminal (and never with NO_COLOR set); `--quiet` keeps only the outpu
 
 from __future__ import annotations
 
-import atexit
 import os
 import statistics
 import sys
-import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -25,52 +22,13 @@ import typer
 # only the converter (gguf, ~80 ms) is imported inside the commands that use it.
 from ..cache import kv_bytes
 from ..chat import ChatSession
-from ..errors import Gemma3Error
 from ..generate import stream_generate
 from ..image import load_image
 from ..loader import load, load_config
-from ..models import DEFAULT_MODEL, cache_dir, models_dir, remove, resolve
+from ..models import DEFAULT_MODEL, models_dir, remove, resolve
 from ..prompt_cache import PromptCache
-
-# Usage metavars as click writes them: Typer's own are type tags (`<int range>`) and `{prompt}`.
-METAVARS = {"int": "INTEGER", "int range": "INTEGER", "float": "NUMBER", "float range": "NUMBER", "str": "TEXT",
-            "path": "PATH", "file": "PATH", "directory": "PATH"}
-
-
-class App(typer.Typer):
-    """The Typer app, with plain help (no boxes, no type tags) and a usage error as one `error:` line."""
-
-    def __call__(self, args=None):
-        command = typer.main.get_command(self)
-        for sub in command.commands.values():
-            for p in sub.params:
-                _plain_metavar(p)
-        try:
-            code = command.main(args, standalone_mode=False)
-        except typer.Abort:
-            code = 130
-        except typer.TyperException as e:  # click's usage errors, as Typer vendors them
-            if type(e).__name__ == "NoArgsIsHelpError":  # `gemma3` alone: the help
-                e.show()
-            else:
-                message = e.format_message().rstrip(".").replace("Input should be", "it must be")
-                ctx = getattr(e, "ctx", None)
-                hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
-                error(message[:1].lower() + message[1:] + hint)
-            code = getattr(e, "exit_code", 2)
-        sys.exit(code if isinstance(code, int) else 0)
-
-
-def _plain_metavar(p) -> None:
-    tag = p.display_type(None).strip("<>")  # "int range"
-    label = METAVARS.get(tag, tag.upper())
-    if p.param_type_name == "argument":
-        p.metavar = p.name.upper()
-        p.display_type_rich = lambda ctx: ""
-        p._usage_display_name = lambda: p.metavar if p.required else f"[{p.metavar}]"
-    elif not getattr(p, "is_flag", False):
-        p.display_type_rich = lambda ctx: label
-
+from . import chat as chat_loop
+from .ui import App, Progress, QuietOpt, UI, _warn, fail, note, set_quiet, speculation, user_errors
 
 app = App(
     add_completion=False,
@@ -81,85 +39,10 @@ app = App(
 )
 
 
-class UI:
-    """How much to say on stderr, and whether in colour (None: only where the stream is a terminal)."""
-
-    quiet = False
-    color: bool | None = False if os.environ.get("NO_COLOR") else None
-
-
-def note(message: str, **style) -> None:
-    """A line for the user on stderr (progress, statistics), unless --quiet."""
-    if not UI.quiet:
-        typer.secho(message, err=True, color=UI.color, **style)
-
-
-def _labelled(label: str, message, **style) -> None:
-    """One line on stderr: a coloured label, then the plain message."""
-    typer.secho(label, err=True, nl=False, color=UI.color, **style)
-    typer.echo(str(message), err=True)
-
-
-def _warn(message, *args, **kwargs) -> None:
-    if not UI.quiet:
-        _labelled("warning: ", message, fg="yellow")
-
-
 @app.callback()
 def setup():
     """Run Google's Gemma 3 models on your own machine, with MLX."""
     warnings.showwarning = _warn  # library warnings (e.g. a checkpoint without a tokenizer): one line each
-
-
-QuietOpt = typer.Option(False, "--quiet", help="Print only the output (and errors): no progress, notes or warnings.")
-
-
-def set_quiet(quiet: bool) -> None:
-    UI.quiet = quiet
-    if quiet:
-        from huggingface_hub.utils import disable_progress_bars  # third-party, needed only with --quiet
-
-        disable_progress_bars()
-
-
-def error(message: str) -> None:
-    _labelled("error: ", message, fg="red", bold=True)
-
-
-def fail(message: str, code: int = 1):
-    error(message)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def user_errors():
-    """Turn the errors a user can cause into one line on stderr and a non-zero exit."""
-    try:
-        yield
-    except Gemma3Error as e:
-        fail(str(e))
-    except (ValueError, OSError) as e:
-        fail(" ".join(str(e).split()) or type(e).__name__)
-    except KeyboardInterrupt:
-        typer.echo("\ninterrupted", err=True)
-        raise typer.Exit(130)
-
-
-class Progress:
-    """A progress bar on stderr for conversions (tensors done / total)."""
-
-    def __init__(self, label: str):
-        self.label, self.bar = label, None
-
-    def __call__(self, done: int, total: int) -> None:
-        if UI.quiet:
-            return
-        if self.bar is None:
-            self.bar = typer.progressbar(length=total, label=self.label, file=sys.stderr)
-            self.bar.__enter__()
-        self.bar.update(done - self.bar.pos)
-        if done >= total:
-            self.bar.__exit__(None, None, None)
 
 
 def resolve_model(model: Optional[str]) -> Path:
@@ -237,13 +120,6 @@ def generate(
                         f"at {r.generation_tps:.2f} tok/s, peak memory {r.peak_memory_gb:.2f} GB, "
                         f"KV cache {r.kv_bytes / 1e6:.1f} MB, finish: {r.finish_reason}{speculation(r.stats)}",
                         err=True, dim=True, color=UI.color)
-
-
-def speculation(s) -> str:
-    """', drafts: 61% accepted, 2.4 tokens per target step' while speculating, else ''."""
-    if s is None or not s.target_steps:
-        return ""
-    return f", drafts: {s.acceptance:.0%} accepted, {s.tokens_per_step:.1f} tokens per target step"
 
 
 @app.command()
@@ -425,23 +301,6 @@ def bench(
             typer.echo(f"{'tokens per step':16s} {min(r[6] for r in rows):.2f} / {statistics.median(r[6] for r in rows):.2f}")
 
 
-CHAT_HELP = '''commands: /image PATH  /system TEXT  /retry  /undo  /reset  /save FILE  /load FILE  /stats  /show
-          /set NAME VALUE (temp, top-k, top-p, min-p, repetition-penalty, max-tokens, seed)  /help  /quit
-"""  starts a message of several lines; """ again ends it. Ctrl-C stops a reply; Ctrl-D quits.'''
-
-# /set names, as the flags spell them, and the type each takes.
-SET_NAMES = {"temp": "temp", "temperature": "temp", "top-k": "top_k", "top-p": "top_p", "min-p": "min_p",
-             "repetition-penalty": "repetition_penalty", "max-tokens": "max_tokens", "seed": "seed"}
-SET_TYPES = {"temp": float, "top_k": int, "top_p": float, "min_p": float, "repetition_penalty": float,
-             "max_tokens": int, "seed": int}
-
-
-def _settings_text(session) -> str:
-    s = session.settings
-    return ", ".join(f"{flag} {'none' if s[key] is None else s[key]}" for flag, key in SET_NAMES.items()
-                     if flag != "temperature")
-
-
 @app.command()
 def chat(
     model: Optional[str] = ModelOpt,
@@ -484,194 +343,7 @@ def chat(
                               prompt_lookup=prompt_lookup,
                               max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                               repetition_penalty=repetition_penalty, seed=seed)
-    prompt, more = "", ""
-    if interactive:
-        prompt, more = ">>> ", "... "
-        try:
-            import readline  # line editing and history for input()
-
-            _keep_history(readline)
-            if UI.color is not False and sys.stdout.isatty():  # \001..\002: zero-width for readline
-                prompt = "\001\x1b[1;32m\002>>> \001\x1b[0m\002"
-        except ImportError:
-            pass
-        note("gemma3 chat: /help for commands, Ctrl-D to quit", dim=True)
-    while True:
-        try:
-            line = read_message(prompt, more)
-        except EOFError:
-            if interactive:
-                typer.echo("", err=True)
-            raise typer.Exit(0)
-        except KeyboardInterrupt:
-            typer.echo("", err=True)
-            continue
-        if not line:
-            continue
-        replies = None
-        with user_errors_kept():
-            if line.startswith("/"):
-                replies, pending = chat_command(session, path, line, pending)
-            else:
-                replies = session.send(line, images=pending)
-                pending = []
-            if replies is not None:
-                stream_reply(session, replies)
-                r, limit = session.last, model_obj.config.text.max_position_embeddings
-                if r is not None and r.prompt_tokens + r.generation_tokens > 0.9 * limit:
-                    _warn(f"the conversation uses {r.prompt_tokens + r.generation_tokens} of "
-                          f"{limit} context tokens; /reset or /undo to make room")
-
-
-def read_message(prompt: str, more: str) -> str:
-    """One message: a line, or the lines between a line opening with \"\"\" and one ending with it."""
-    line = input(prompt).strip()
-    if not line.startswith('"""'):
-        return line
-    text = line[3:]
-    if text.endswith('"""'):  # """one line"""
-        return text[:-3].strip()
-    lines = [text]
-    while True:
-        line = input(more)
-        if line.rstrip().endswith('"""'):
-            lines.append(line.rstrip()[:-3])
-            return "\n".join(lines).strip()
-        lines.append(line)
-
-
-def _exchanges(session) -> int:
-    return sum(m["role"] == "user" for m in session.messages)
-
-
-def chat_command(session, path: Path, line: str, pending: list):
-    """Run one /command; (replies to stream or None, the images waiting for the next message)."""
-    cmd, _, arg = line.partition(" ")
-    arg = arg.strip()
-    if cmd in ("/quit", "/exit"):
-        raise typer.Exit(0)
-    elif cmd == "/help":
-        typer.echo(CHAT_HELP)
-    elif cmd == "/reset":
-        n = _exchanges(session)
-        session.reset()
-        note(f"cleared the conversation ({n} exchange{'s' * (n != 1)}); the system prompt is kept", dim=True)
-    elif cmd == "/undo":
-        n = session.undo()
-        note("nothing to undo: the conversation is empty" if n is None else f"removed the last exchange ({n} tokens)",
-             dim=True)
-    elif cmd == "/retry":
-        if session.greedy and session.messages:
-            note("temperature 0 is greedy decoding: the same reply again (/set temp 0.7 to sample)", dim=True)
-        return session.retry(), pending
-    elif cmd == "/system":
-        session.system = arg or None
-        note(f"system prompt set: {arg}" if arg else "system prompt removed", dim=True)
-    elif cmd == "/image":
-        if session.model.config.vision is None:
-            raise ValueError(f"{path.name} is a text-only model: it cannot see images")
-        if not arg:
-            raise ValueError("/image needs a file: /image PATH")
-        load_image(arg)
-        note(f"{arg} goes with your next message", dim=True)
-        return None, pending + [arg]
-    elif cmd == "/save":
-        if not arg:
-            raise ValueError(f"/save needs a file name, e.g. /save chat-{time.strftime('%Y%m%d-%H%M')}.json")
-        session.save(arg)
-        n = _exchanges(session)
-        note(f"saved {n} exchange{'s' * (n != 1)} to {Path(arg).expanduser().resolve()}", dim=True)
-    elif cmd == "/load":
-        if not arg:
-            raise ValueError("/load needs a file name: /load FILE")
-        session.load(arg)
-        n = _exchanges(session)
-        note(f"loaded {n} exchange{'s' * (n != 1)} from {arg}" + ("; the last one:" if n else ""), dim=True)
-        last_user = max((i for i, m in enumerate(session.messages) if m["role"] == "user"), default=None)
-        for m in session.messages[last_user:] if last_user is not None else []:
-            typer.echo(("you: " if m["role"] == "user" else "model: ") + m["content"])
-    elif cmd == "/set":
-        name, _, value = arg.partition(" ")
-        key = SET_NAMES.get(name.lower().replace("_", "-"))
-        if key is None or not value.strip():
-            raise ValueError(f"usage: /set NAME VALUE, NAME one of {', '.join(SET_NAMES)}")
-        value = value.strip()
-        try:
-            parsed = None if key == "seed" and value.lower() == "none" else SET_TYPES[key](value)
-        except ValueError:
-            raise ValueError(f"{name} takes {'an integer' if SET_TYPES[key] is int else 'a number'}, "
-                             f"not {value!r}") from None
-        session.set(**{key: parsed})
-        note(f"{name} set to {value}", dim=True)
-    elif cmd == "/show":
-        typer.echo(f"model     {path}")
-        typer.echo(f"system    {session.system or '(none)'}")
-        typer.echo(f"settings  {_settings_text(session)}")
-    elif cmd == "/stats":
-        print_chat_stats(session)
-    else:
-        error(f"unknown command {cmd} (/help lists them)")
-    return None, pending
-
-
-def print_chat_stats(session) -> None:
-    """The last reply's figures (while it is still in the conversation), then the conversation's size."""
-    r = session.last
-    if r is not None:
-        typer.secho(f"prompt {r.prompt_tokens} tokens ({r.prefill_tokens} processed, "
-                    f"{r.prompt_tps:.1f} tok/s), reply {r.generation_tokens} tokens "
-                    f"({r.generation_tps:.1f} tok/s), KV cache {r.kv_bytes / 1e6:.1f} MB, "
-                    f"peak memory {r.peak_memory_gb:.2f} GB{speculation(r.stats)}", dim=True, color=UI.color)
-    n = _exchanges(session)
-    limit = session.model.config.text.max_position_embeddings
-    typer.secho(f"conversation {n} exchange{'s' * (n != 1)}, {session.count_tokens()} of {limit} context tokens",
-                dim=True, color=UI.color)
-
-
-def _keep_history(readline) -> None:
-    """Up-arrow history across chats, in the cache directory (best effort: a read-only home is fine)."""
-    path = cache_dir() / "chat_history"
-    readline.set_history_length(1000)
-    try:
-        readline.read_history_file(path)
-    except OSError:
-        pass
-
-    def save():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            readline.write_history_file(path)
-        except OSError:
-            pass
-
-    atexit.register(save)
-
-
-@contextmanager
-def user_errors_kept():
-    """In the chat loop: report a user error in one line and carry on."""
-    try:
-        yield
-    except typer.Exit:
-        raise
-    except (ValueError, OSError, Gemma3Error) as e:
-        error(" ".join(str(e).split()))
-
-
-def stream_reply(session, replies) -> None:
-    said = False
-    try:
-        for r in replies:
-            said = True
-            sys.stdout.write(r.text)
-            sys.stdout.flush()
-    except KeyboardInterrupt:
-        session.cancel()
-        replies.close()  # the partial reply stays in the conversation
-        typer.secho(" [stopped]" if said else "[stopped before the reply began: the turn was taken back]",
-                    err=True, dim=True, color=UI.color)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    chat_loop.run(session, path, pending, interactive)
 
 
 def main():
