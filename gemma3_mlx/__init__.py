@@ -26,6 +26,7 @@ from .loader import load, load_model, load_tokenizer  # noqa: E402
 from .model import Model  # noqa: E402
 from .models import cache_dir, ensure_default_model, resolve  # noqa: E402
 from .image import ImageError, load_image, preprocess_image  # noqa: E402
+from .prompt import prompt_ids  # noqa: E402
 from .prompt_cache import PromptCache, PromptCacheError  # noqa: E402
 from .sample import Sampler, make_sampler  # noqa: E402
 from .tokenizer import StreamingDetokenizer, Tokenizer  # noqa: E402
@@ -37,5 +38,5 @@ __all__ = [
     "ChatSession", "ConfigError", "ConversionError", "Gemma3Error", "GenerationResponse", "Model", "ModelConfig",
     "ImageError", "load_image", "preprocess_image", "ModelFileError", "PromptCache", "PromptCacheError", "StreamingDetokenizer", "TextConfig", "Tokenizer", "cache_dir",
     "ensure_default_model", "generate", "generate_tokens", "load", "load_model", "load_tokenizer",
-    "make_sampler", "resolve", "stream_generate",
+    "make_sampler", "prompt_ids", "resolve", "stream_generate",
 ]
