@@ -25,10 +25,11 @@ from ..chat import ChatSession
 from ..generate import stream_generate
 from ..image import load_image
 from ..loader import load, load_config
-from ..models import DEFAULT_MODEL, models_dir, remove, resolve
+from ..errors import Gemma3Error
+from ..models import DEFAULT_MODEL, damaged, list_models, looks_like_hub_id, models_dir, remove, resolve
 from ..prompt_cache import PromptCache
 from . import chat as chat_loop
-from .ui import App, Progress, QuietOpt, UI, _warn, fail, note, set_quiet, speculation, user_errors
+from .ui import App, Progress, QuietOpt, UI, _warn, fail, note, set_quiet, speculation, status, user_errors
 
 app = App(
     add_completion=False,
@@ -48,6 +49,16 @@ def setup():
 def resolve_model(model: Optional[str]) -> Path:
     label = "Converting the default model (first use only)" if model is None else f"Converting {model}"
     return resolve(model, progress=Progress(label), note=note)
+
+
+def open_model(path: Path, **options):
+    """load(path), saying so on a terminal; a cached model that fails to load is reported as damaged,
+    with the command that removes it."""
+    with status(f"loading {path.name} ..."):
+        try:
+            return load(path, **options)
+        except (Gemma3Error, ValueError, OSError) as e:
+            raise damaged(path, e) from None
 
 
 KINDS = {True: "instruction-tuned", False: "base", None: "unknown"}
@@ -98,12 +109,12 @@ def generate(
         if image:
             image = [load_image(p) for p in image]  # fail fast, before loading the model
         path = resolve_model(model)
-        model_obj, tokenizer = load(path, dtype=dtype)
+        model_obj, tokenizer = open_model(path, dtype=dtype)
         if tokenizer is None:
             fail("the model has no tokenizer.model")
         if not raw:
             warn_if_base(path, model_obj.config, "add --raw, or use {it}")
-        draft = load(resolve_model(draft_model), dtype=dtype)[0] if draft_model else None
+        draft = open_model(resolve_model(draft_model), dtype=dtype)[0] if draft_model else None
         if prompt == "-":
             prompt = sys.stdin.read()
         text = prompt if raw else ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -196,18 +207,26 @@ def models():
     """
     with user_errors():
         root = models_dir()
-        found = sorted(p for p in root.glob("*") if (p / "config.json").exists()) if root.exists() else []
+        found = list_models()
         where = "$GEMMA3_MLX_HOME/models" if os.environ.get("GEMMA3_MLX_HOME") else "set GEMMA3_MLX_HOME to move it"
         if not found:
             typer.echo(f"no converted models in {root} ({where}) yet (the default model is converted on first use)")
-        total = 0.0
-        for p in found:
-            kind, size, precision = _describe(p)
-            tuned = KINDS[load_config(p).instruction_tuned]
+        total, good = 0.0, 0
+        for p, why in found:  # a damaged model is listed as such, and the listing goes on
+            if why is None:
+                try:
+                    kind, size, precision = _describe(p)
+                    tuned = KINDS[load_config(p).instruction_tuned]
+                except (Gemma3Error, ValueError, TypeError, KeyError, OSError) as e:
+                    why = " ".join(str(e).split())
+            if why is not None:
+                typer.echo(f"{p.name:40s} damaged: {why} (gemma3 rm {p.name} removes it)")
+                continue
             typer.echo(f"{p.name:40s} {size:9.1f} MB  {precision:10s} {tuned:17s}  {kind}")
-            total += size
+            total, good = total + size, good + 1
         if found:
-            typer.echo(f"{len(found)} model{'s' * (len(found) != 1)}, {total:.1f} MB, in {root} ({where}); "
+            bad = f" and {len(found) - good} damaged" if good < len(found) else ""
+            typer.echo(f"{good} model{'s' * (good != 1)}{bad}, {total:.1f} MB, in {root} ({where}); "
                        "gemma3 rm NAME deletes one")
 
 
@@ -223,25 +242,33 @@ def rm(name: str = typer.Argument(..., help="A converted model's name, as `gemma
 
 
 @app.command()
-def info(model: Optional[str] = typer.Argument(None, help="Model directory or .gguf file (default: Gemma 3 270M).")):
+def info(model: Optional[str] = typer.Argument(None, help="Model directory, .gguf file, converted model name or hub id "
+                                                        "(default: Gemma 3 270M).")):
     """Show a model's configuration, layer kinds, quantization, size and KV-cache memory.
+
+    A hub id not converted yet is described from its config.json alone (a few KB): nothing else is fetched.
 
     Example: gemma3 info gemma-3-1b-it-q5
     """
     with user_errors():
-        path = resolve_model(model)
+        if model is not None and looks_like_hub_id(model) and not (models_dir() / model.replace("/", "--")).is_dir():
+            from ..convert.hub import fetch_config  # lazy: see the imports at the top
+
+            path, remote = fetch_config(model), True
+        else:
+            path, remote = resolve_model(model), False
         c = load_config(path)
         t = c.text
         kind, size, precision = _describe(path)
         pattern = "".join("L" if local else "G" for local in t.is_local)
-        typer.echo(f"path            {path}")
+        typer.echo(f"path            {model + ' (on the Hugging Face hub; not downloaded)' if remote else path}")
         typer.echo(f"type            {c.model_type} ({'text and images' if c.vision else 'text'})")
         typer.echo(f"kind            {KINDS[c.instruction_tuned]}" + {
             True: " (chat format)", False: " (plain continuation: use generate --raw)", None: ""}[c.instruction_tuned])
         typer.echo(f"layers          {t.num_hidden_layers}: {pattern} (L local window {t.sliding_window}, G global)")
         typer.echo(f"hidden / heads  {t.hidden_size} / {t.num_attention_heads} q, {t.num_key_value_heads} kv, head_dim {t.head_dim}")
         typer.echo(f"vocabulary      {t.vocab_size}")
-        typer.echo(f"weights         {size:.1f} MB, {precision}")
+        typer.echo(f"weights         {f'{size:.1f} MB, ' if not remote else ''}{precision}")
         for ctx in sorted({8192, 32768, t.max_position_embeddings}):
             typer.echo(f"KV at {ctx // 1024:>3d}K     {kv_bytes(c, ctx) / 2**30:.2f} GiB 16-bit "
                        f"({kv_bytes(c, ctx, full=True) / 2**30:.2f} GiB if every layer kept the full context)")
@@ -268,12 +295,12 @@ def bench(
 
     set_quiet(quiet)
     with user_errors():
-        model_obj, tokenizer = load(resolve_model(model))
+        model_obj, tokenizer = open_model(resolve_model(model))
         limit = model_obj.config.text.max_position_embeddings
         if context + prompt_tokens + gen_tokens > limit:
             fail(f"--context + --prompt-tokens + --gen-tokens is {context + prompt_tokens + gen_tokens}, "
                  f"more than the model's context of {limit}")
-        draft = load(resolve_model(draft_model))[0] if draft_model else None
+        draft = open_model(resolve_model(draft_model))[0] if draft_model else None
         base = tokenizer.encode(TEXT, add_bos=False) if tokenizer else list(range(10, 400))
         n_ids = context + prompt_tokens
         ids = [2] + (base * (n_ids // len(base) + 1))[: n_ids - 1]
@@ -332,13 +359,13 @@ def chat(
                 load_image(p)
         path = resolve_model(model)
         note(f"loading {path.name} ...", dim=True)
-        model_obj, tokenizer = load(path)
+        model_obj, tokenizer = open_model(path)
         if tokenizer is None:
             fail("the model has no tokenizer.model")
         if pending and model_obj.config.vision is None:
             fail(f"{path.name} is a text-only model: it cannot see images")
         warn_if_base(path, model_obj.config, "chat with {it}, or continue a text with gemma3 generate --raw")
-        draft = load(resolve_model(draft_model))[0] if draft_model else None
+        draft = open_model(resolve_model(draft_model))[0] if draft_model else None
         session = ChatSession(model_obj, tokenizer, system=system, pan_and_scan=pan_and_scan, draft_model=draft,
                               prompt_lookup=prompt_lookup,
                               max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,

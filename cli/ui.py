@@ -3,12 +3,14 @@ terminal, progress bars, and Typer's usage errors as one `error:` line. No comma
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from contextlib import contextmanager
 
 import typer
 
+from .._signals import raise_on_terminate
 from ..errors import Gemma3Error
 
 # Usage metavars as click writes them: Typer's own are type tags (`<int range>`) and `{prompt}`.
@@ -20,6 +22,7 @@ class App(typer.Typer):
     """The Typer app, with plain help (no boxes, no type tags) and a usage error as one `error:` line."""
 
     def __call__(self, args=None):
+        raise_on_terminate()  # SIGTERM/SIGHUP run the cleanups (a conversion's temporary directory goes)
         command = typer.main.get_command(self)
         for sub in command.commands.values():
             for p in sub.params:
@@ -64,6 +67,22 @@ def note(message: str, **style) -> None:
         typer.secho(message, err=True, color=UI.color, **style)
 
 
+@contextmanager
+def status(message: str):
+    """A transient line on a terminal while something slow runs (loading a model), erased after;
+    nothing where stderr is a pipe or a file, or with --quiet."""
+    shown = not UI.quiet and sys.stderr.isatty()
+    if shown:
+        typer.secho(message, err=True, nl=False, dim=True, color=UI.color)
+        sys.stderr.flush()
+    try:
+        yield
+    finally:
+        if shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
 def _labelled(label: str, message, **style) -> None:
     """One line on stderr: a coloured label, then the plain message."""
     typer.secho(label, err=True, nl=False, color=UI.color, **style)
@@ -101,12 +120,25 @@ def user_errors():
     try:
         yield
     except Gemma3Error as e:
-        fail(str(e))
-    except (ValueError, OSError) as e:
-        fail(" ".join(str(e).split()) or type(e).__name__)
+        fail(" ".join(str(e).split()))
+    except (ValueError, OSError, RecursionError, MemoryError) as e:
+        fail(error_text(e))
     except KeyboardInterrupt:
         typer.echo("\ninterrupted", err=True)
         raise typer.Exit(130)
+
+
+def error_text(e: BaseException) -> str:
+    """A user error as one line; a full disk says so, whatever was being written."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"the disk is full: could not write {e.filename or 'the output'}; free some space and try again"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    if isinstance(e, RecursionError):
+        return "too deeply nested"
+    if isinstance(e, MemoryError):
+        return "not enough memory"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 class Progress:

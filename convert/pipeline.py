@@ -26,7 +26,7 @@ from .quality import check_against_source
 from .quantize import quantize
 from .sources import open_source
 from .tensors import FloatTensor, QuantizedTensor
-from .writer import ShardWriter, atomic_directory, write_config
+from .writer import ShardWriter, atomic_directory, check_output, write_config
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 GROUP_SIZES = (32, 64, 128)
@@ -119,12 +119,9 @@ def convert(
 ) -> ConversionReport:
     """Convert `source` into the MLX model directory `out`. Never modifies `source`."""
     validate(bits, group_size, recipe, dtype)
-    src = open_source(source)
     out = Path(out).expanduser()
-    if out.resolve() == src.path.resolve():
-        raise ConversionError("the output directory must differ from the source")
-    if out.exists() and not force:
-        raise ConversionError(f"{out} already exists (use --force to overwrite it)")
+    check_output(out, force, keep=[source])  # before a download or a GGUF is read
+    src = open_source(source)
     is_gguf = src.path.is_file()
     native = is_gguf and bits is None and recipe is None and dtype is None
     config = src.config()
@@ -135,7 +132,7 @@ def convert(
     report = ConversionReport(out, 0, 0)
     settings: dict[str, dict] = {}
 
-    with atomic_directory(out, force=force) as tmp:
+    with atomic_directory(out, force=force, keep=[src.path]) as tmp:
         writer = ShardWriter(tmp)
         for i, (name, t) in enumerate(src.tensors(native=native)):
             if isinstance(t, QuantizedTensor):
@@ -173,6 +170,9 @@ def convert(
             (tmp / "tokenizer.model").write_bytes(tokenizer)
         if check:
             report.quality = check_against_source(tmp, src)
+            if not np.isfinite(report.quality["kl"]):  # nothing is published: the block fails
+                raise ConversionError(f"the converted model's outputs are not finite (KL {report.quality['kl']}): "
+                                      "the conversion is broken, nothing was written")
     return report
 
 

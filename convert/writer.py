@@ -10,39 +10,48 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import mlx.core as mx
 
+from .._atomic import make_temp_dir, output_problem, publish, write_marker
 from ..errors import ConversionError
 
 SHARD_BYTES = 2 << 30
 
 
+def check_output(out: Path, force: bool, keep=()) -> None:
+    """Refuse an output a conversion may not write (see _atomic.output_problem), before any work."""
+    problem = output_problem(Path(out).expanduser(), force, keep)
+    if problem:
+        raise ConversionError(problem)
+
+
 @contextmanager
-def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes `out` when the block succeeds."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise ConversionError(f"{out} already exists (use --force to overwrite it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: a converted model gets ordinary permissions
+def atomic_directory(out: Path, force: bool = False, keep=()) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes `out` when the block succeeds.
+
+    Refused up front and again at the end (the place may change meanwhile): an `out` that is or
+    contains one of `keep` (the source), and an existing `out` unless `force` and it is a model we
+    converted (see _atomic.why_not_replace). The replacement is atomic; on any failure, Ctrl-C or
+    SIGTERM (the CLI turns it into an exception) the temporary directory is removed, and one left
+    by a killed process is swept by the next conversion into the same place."""
+    out = Path(out).expanduser()
+    check_output(out, force, keep)
+    tmp = make_temp_dir(out.parent, out.name)
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        write_marker(tmp)
+        problem = output_problem(out, force, keep)
+        if problem:
+            raise ConversionError(problem.replace("already exists", "appeared while converting (another conversion?)"))
+        try:
+            publish(tmp, out, replace=force)
+        except FileExistsError:
+            raise ConversionError(f"{out} appeared while converting (another conversion?); "
+                                  "use --force to replace a model converted by gemma3-mlx") from None
     except BaseException:  # Ctrl-C included: never leave a half-written model
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,4 +1,4 @@
-"""Ctrl-C always reaches the main thread.
+"""Signals: Ctrl-C always reaches the main thread; SIGTERM can run cleanups.
 
 The kernel hands a process-wide SIGINT to any thread that does not block it. OpenBLAS and MLX
 start worker threads when loaded and at the first evaluation; if Ctrl-C lands in one of them
@@ -24,3 +24,23 @@ def sigint_to_main_thread():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP as an exception: `finally` blocks and cleanups run (temporary files go),
+    and the process exits with 128 + the signal's number. Not a KeyboardInterrupt, so code that
+    turns Ctrl-C into "stop this reply" does not keep running."""
+
+
+def raise_on_terminate() -> None:
+    """Make SIGTERM and SIGHUP raise Terminated in the main thread: a program's choice (the CLI's),
+    never made by the library on import."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise Terminated(128 + signum)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), handler)

@@ -150,10 +150,16 @@ def test_convert_refuses_existing_output_without_force(tmp_path):
     r = run(["convert", str(FIXTURES / "tiny_v5"), "-o", str(out)])
     assert_clean_failure(r)
     assert "--force" in r.stderr and (out / "keep.txt").read_text() == "mine"
+    r = run(["convert", str(FIXTURES / "tiny_v5"), "-o", str(out), "--force"])  # not a model of ours: kept
+    assert_clean_failure(r)
+    assert "keep.txt" in r.stderr and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # empty now: nothing to lose
     r = run(["convert", str(FIXTURES / "tiny_v5"), "-o", str(out), "--force"])
     assert r.returncode == 0, r.stderr
-    assert (out / "config.json").exists() and not (out / "keep.txt").exists()
+    assert (out / "config.json").exists()
     assert "warning: " in r.stderr and "Traceback" not in r.stderr  # no tokenizer in the tiny fixture
+    r = run(["convert", str(FIXTURES / "tiny_v5"), "-o", str(out), "--force", "--bits", "8", "--group-size", "32"])
+    assert r.returncode == 0 and "quantization" in (out / "config.json").read_text()  # ours: replaced
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path):
