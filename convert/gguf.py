@@ -130,10 +130,16 @@ class GGUFSource:
                 w, scales, biases, bits, group_size = to_mlx_affine(t.data, t.tensor_type, shape)
                 yield name, QuantizedTensor(w, scales, biases, bits, group_size, f"{t.tensor_type.name} (exact)")
                 continue
-            w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
-            if "norm" in t.name:
-                w = w - 1.0  # llama.cpp stores Gemma norm weights with the +1 already added
+            w = self.float_tensor(t)
             yield name, (FloatTensor(w, t.tensor_type.name) if native else w)
+
+    def float_tensor(self, t) -> np.ndarray:
+        """One of `reader.tensors` dequantized to float32, in MLX's shape (random access: the quality check)."""
+        shape = tuple(reversed([int(x) for x in t.shape]))
+        w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+        if "norm" in t.name:
+            w = w - 1.0  # llama.cpp stores Gemma norm weights with the +1 already added
+        return w
 
     def tokenizer_model(self) -> bytes:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -59,31 +60,63 @@ def _settings(settings: dict, module: str) -> tuple[int, int, str]:
 
 
 def dequantize_weights(settings: dict, weights: dict, dtype: mx.Dtype) -> dict:
-    """Expand every quantized matrix (`<module>.weight/.scales/.biases`) to a float `<module>.weight`."""
-    out = dict(weights)
-    for key in [k for k in weights if k.endswith(".scales")]:
+    """Expand every quantized matrix (`<module>.weight/.scales/.biases`) to a float `<module>.weight`.
+    Consumes `weights` (see materialise)."""
+    return materialise(weights, settings, dtype, expand=True)
+
+
+def materialise(weights: dict, settings: dict | None, dtype: mx.Dtype, expand: bool) -> dict:
+    """Evaluate lazily read weights one tensor at a time, in place of the lazy ones: floats cast
+    to `dtype` (the vision tower to float32), quantized matrices expanded to `dtype` if `expand`.
+
+    One at a time, each lazy array popped from `weights` (emptied) before it is evaluated, so the
+    peak is the loaded model plus one tensor's working set: never the file's bytes beside the cast
+    or expanded copy."""
+    out = {}
+    for key in [k for k in weights if k.endswith(".scales")] if expand else []:
         module = key[: -len(".scales")]
-        group_size, bits, mode = _settings(settings, module)
-        w, scales, biases = out[f"{module}.weight"], out.pop(key), out.pop(f"{module}.biases", None)
-        if bits in (3, 5, 6) and mode == "affine" and mx.default_device() == mx.cpu:
-            out[f"{module}.weight"] = _dequantize_odd_bits(w, scales, biases, group_size, bits, dtype)
+        w, scales, biases = weights.pop(f"{module}.weight"), weights.pop(key), weights.pop(f"{module}.biases", None)
+        to = mx.float32 if module.startswith(VISION) else dtype  # an 8-bit tower still computes in float32
+        scales, biases = scales.astype(to), None if biases is None else biases.astype(to)
+        out[f"{module}.weight"] = _expand(w, scales, biases, *_settings(settings or {}, module), to)
+        mx.eval(out[f"{module}.weight"])
+    for name in list(weights):
+        w = weights.pop(name)
+        if mx.issubdtype(w.dtype, mx.floating):  # the vision tower runs in float32, like the reference
+            w = w.astype(mx.float32 if name.startswith(VISION) else dtype)
+        out[name] = w
+        mx.eval(w)
+    return out
+
+
+def _expand(w, scales, biases, group_size: int, bits: int, mode: str, dtype, rows: int | None = None) -> mx.array:
+    """mx.dequantize, a block of `rows` at a time (default: 32 MB of output) into one preallocated
+    output: expanding a whole matrix at once peaks at twice its float size (measured on the CPU)."""
+    odd = bits in (3, 5, 6) and mode == "affine" and mx.default_device() == mx.cpu
+    out = mx.zeros((*w.shape[:-1], scales.shape[-1] * group_size), dtype)
+    rows = rows or max(1, (32 << 20) // max(1, out[0].nbytes))
+    for i in range(0, out.shape[0], rows):
+        j = min(i + rows, out.shape[0])
+        b = None if biases is None else biases[i:j]
+        if odd:
+            out[i:j] = _odd_bits_block(w[i:j], scales[i:j], b, group_size, bits, dtype)
         else:
-            out[f"{module}.weight"] = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits,
-                                                    mode=mode).astype(dtype)
+            out[i:j] = mx.dequantize(w[i:j], scales[i:j], b, group_size=group_size, bits=bits, mode=mode).astype(dtype)
+        mx.eval(out)  # written in place: the output's buffer is reused, not copied
     return out
 
 
 def _dequantize_odd_bits(w, scales, biases, group_size: int, bits: int, dtype, rows: int = 8192) -> mx.array:
     """mx.dequantize, exactly, 4-5x faster for 3/5/6 bits on the CPU backend (whose kernel for
     those widths takes ~6 s for the 270M's embedding): unpack with numpy, a block of rows at a time."""
-    packed, parts = np.asarray(w), []
-    for i in range(0, packed.shape[0], rows):
-        q = mx.array(unpack(packed[i:i + rows], bits))
-        q = q.reshape(q.shape[0], -1, group_size).astype(mx.float32)
-        x = q * scales[i:i + rows, :, None].astype(mx.float32) + biases[i:i + rows, :, None].astype(mx.float32)
-        parts.append(x.reshape(q.shape[0], -1).astype(dtype))
-        mx.eval(parts[-1])
-    return mx.concatenate(parts)
+    return _expand(w, scales, biases, group_size, bits, "affine", dtype, rows=rows)
+
+
+def _odd_bits_block(w, scales, biases, group_size: int, bits: int, dtype) -> mx.array:
+    q = mx.array(unpack(np.asarray(w), bits))
+    q = q.reshape(q.shape[0], -1, group_size).astype(mx.float32)
+    x = q * scales[:, :, None].astype(mx.float32) + biases[:, :, None].astype(mx.float32)
+    return x.reshape(q.shape[0], -1).astype(dtype)
 
 
 def load_config(path: Path) -> ModelConfig:
@@ -115,20 +148,11 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype())
     if dtype == mx.float16:
         raise ValueError("float16 compute is not supported: Gemma 3 activations overflow it")
-    model = Model(config)
-    files = [SafetensorsFile(f) for f in checkpoint_files(path)]
-    weights = {}
-    for name, w in checkpoint_weights(files, vision=config.vision is not None):
-        if mx.issubdtype(w.dtype, mx.floating):  # the vision tower runs in float32, like the reference
-            w = w.astype(mx.float32 if name.startswith(VISION) else dtype)
-        weights[name] = w
+    model = Model(config)  # its random initial weights are lazy: never computed, replaced below
     if dequantize is None:
         dequantize = mx.default_device() == mx.cpu
-    if config.quantization and dequantize:
-        weights = dequantize_weights(config.quantization, weights, dtype)
-        if config.vision is not None:  # an 8-bit vision tower still computes in float32
-            weights.update({k: v.astype(mx.float32) for k, v in weights.items() if k.startswith("vision_tower.")})
-    elif config.quantization:
+    weights = read_weights(path, config, dtype, dequantize)
+    if config.quantization and not dequantize:
         quantize_like(model, config.quantization, weights)
     try:
         model.load_weights(list(weights.items()), strict=True)
@@ -136,6 +160,14 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize
         raise ModelFileError(f"{path}: weights do not match the config ({' '.join(str(e).split())})") from None
     mx.eval(model.parameters())
     return model
+
+
+def read_weights(path: Path, config: ModelConfig, dtype: mx.Dtype, dequantize: bool,
+                 select: Callable[[str], bool] | None = None) -> dict[str, mx.array]:
+    """A directory's weights under MLX names (those `select` keeps), materialised one at a time."""
+    files = [SafetensorsFile(f) for f in checkpoint_files(Path(path))]
+    lazy = {n: w for n, w in checkpoint_weights(files, vision=config.vision is not None) if not select or select(n)}
+    return materialise(lazy, config.quantization, dtype, expand=bool(config.quantization) and dequantize)
 
 
 def load_tokenizer(path: str | Path, *, config: ModelConfig | None = None) -> Tokenizer | None:

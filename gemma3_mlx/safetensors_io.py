@@ -45,7 +45,7 @@ class SafetensorsFile:
                 raise ModelFileError(f"{self.path.name}: truncated (tensor {name} extends past the end of the file)")
             if end - start != int(np.prod(e["shape"])) * np.dtype(_NUMPY[e["dtype"]]).itemsize:
                 raise ModelFileError(f"{self.path.name}: corrupted header (size of tensor {name} does not match its shape)")
-        self._mmap = None
+        self._lazy: dict[str, mx.array] = {}
 
     @property
     def names(self) -> list[str]:
@@ -58,15 +58,14 @@ class SafetensorsFile:
         return self._entries[name]["dtype"]
 
     def get(self, name: str) -> mx.array:
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        e = self._entries[name]
-        start, end = e["data_offsets"]
-        raw = np.asarray(self._mmap[self._base + start : self._base + end])
-        arr = raw.view(_NUMPY[e["dtype"]]).reshape(e["shape"])
-        if e["dtype"] == "BF16":
-            return mx.array(arr).view(mx.bfloat16)
-        return mx.array(arr)
+        """The tensor, lazily: MLX reads its bytes from the file straight into the array when it
+        is evaluated, so no mapped copy of the file stays resident beside the loaded weights."""
+        if name not in self._lazy:  # each array is handed out once; asking again reads again
+            try:
+                self._lazy = mx.load(str(self.path))
+            except (RuntimeError, ValueError) as e:
+                raise ModelFileError(f"{self.path.name}: not a readable safetensors file ({e})") from None
+        return self._lazy.pop(name)
 
 
 def checkpoint_files(directory: Path) -> list[Path]:
