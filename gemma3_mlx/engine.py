@@ -156,6 +156,8 @@ class Engine:
         steps = cache.prefill_steps(prompt, self.prefill_chunk, images)
         if draft is not None and logprobs is not None:
             raise ValueError("logprobs are not reported while speculating")
+        if draft is not None and self.model.group is not None:
+            raise ValueError("speculative decoding does not run split across ranks (--parallel)")
         k = max(1, min(draft_tokens, self.cache_args["rollback"]))
         seq = _Sequence(next(self._uids), prompt, cache, sampler or make_sampler(), max_tokens, stop_ids, logprobs,
                         steps, draft, k)
@@ -260,7 +262,7 @@ class Engine:
     def _join(self, seq: _Sequence, logits: mx.array) -> None:
         if seq.sampler.uses_history:
             seq.history = mx.array(seq.prompt)
-        first = seq.sampler(logits, seq.history if seq.history is not None else ())
+        first = self.model.agree(seq.sampler(logits, seq.history if seq.history is not None else ()))
         if seq.logprobs is not None:
             self._logprobs(logits, first, [seq])
             seq.lp_pending, seq.lp_next = seq.lp_next, None
@@ -334,10 +336,10 @@ class Engine:
         logits = self.model(self.pending[:, None], self.layers, logits="last")[:, -1, :]  # (B, V)
         rows = self.rows
         if all(s.sampler.greedy for s in rows):
-            new = mx.argmax(logits, axis=-1)
+            new = self.model.agree(mx.argmax(logits, axis=-1))  # split across ranks: rank 0's tokens everywhere
         else:
-            new = mx.concatenate([s.sampler(logits[i : i + 1], s.history if s.history is not None else ())
-                                  for i, s in enumerate(rows)])
+            new = self.model.agree(mx.concatenate([s.sampler(logits[i : i + 1], s.history if s.history is not None
+                                                             else ()) for i, s in enumerate(rows)]))
             for i, s in enumerate(rows):
                 if s.history is not None:
                     s.history = mx.concatenate([s.history, new[i : i + 1]])

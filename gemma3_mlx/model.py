@@ -15,6 +15,7 @@ import mlx.nn as nn
 from .cache import ROLLBACK, KVCache, QuantizedKVCache, WindowCache
 from .config import ModelConfig, TextConfig
 from .norm import RMSNorm
+from .shard import agree, check_tensor, pipeline, shard_tensor
 from .vision import Projector, VisionTower, encode_images
 
 
@@ -115,7 +116,8 @@ class TextModel(nn.Module):
         # Scaled by sqrt(hidden), rounded to the compute dtype first as the reference does.
         return h * mx.array(math.sqrt(self.config.hidden_size), dtype=h.dtype)
 
-    def __call__(self, h: mx.array, cache: list, image_spans=None) -> mx.array:
+    def __call__(self, h: mx.array, cache: list, image_spans=None, norm: bool = True) -> mx.array:
+        """`norm`: apply the final norm (not on a pipeline stage that passes its output on)."""
         L = h.shape[1]
         masks = {}
         for layer, c in zip(self.layers, cache):
@@ -123,7 +125,7 @@ class TextModel(nn.Module):
                 # Every layer of one kind has the same cache geometry, so one mask per kind.
                 masks[layer.is_local] = with_image_blocks(c.make_mask(L), image_spans, L)
             h = layer(h, masks[layer.is_local], c)
-        return self.norm(h)
+        return self.norm(h) if norm else h
 
 
 def image_spans_of(ids, image_token: int) -> list[tuple[int, int]]:
@@ -163,6 +165,8 @@ class Model(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        self.group = None  # the distributed group after shard() or pipeline()
+        self.stage = None  # this rank's pipeline stage (shard.Stage) after pipeline()
         self.model = TextModel(config.text)
         if config.vision is not None:
             self.vision_tower = VisionTower(config.vision)
@@ -172,7 +176,17 @@ class Model(nn.Module):
         """(N, H, W, 3) preprocessed images -> (N, mm_tokens_per_image, hidden) soft-token embeddings."""
         if self.config.vision is None:
             raise ValueError("this model has no vision tower (a text-only Gemma 3)")
-        return encode_images(self.vision_tower, self.multi_modal_projector, pixel_values)
+        if self.group is None:
+            return encode_images(self.vision_tower, self.multi_modal_projector, pixel_values)
+        # Split across ranks: one rank holds the tower (rank 0, or the first pipeline stage).
+        shape = (pixel_values.shape[0], self.config.mm_tokens_per_image, self.config.text.hidden_size)
+        if "vision_tower" in self:
+            feats = encode_images(self.vision_tower, self.multi_modal_projector, pixel_values).astype(mx.float32)
+        else:
+            feats = mx.zeros(shape, mx.float32)
+        if self.stage is not None:
+            return feats  # only the first stage embeds: the others never read these
+        return mx.distributed.all_sum(feats, group=self.group)  # tensor parallel: rank 0's, exactly, everywhere
 
     def embed(self, input_ids: mx.array, image_features: mx.array | None, spans=None) -> mx.array:
         image_token = self.config.image_token_index
@@ -203,7 +217,8 @@ class Model(nn.Module):
                 return KVCache(max_context)
             return QuantizedKVCache(kv_bits, value_bits or kv_bits, kv_group_size, max_context)
 
-        return [WindowCache(t.sliding_window, rollback) if local else global_cache() for local in t.is_local]
+        # This rank's layers only, once split by pipeline().
+        return [WindowCache(t.sliding_window, rollback) if layer.is_local else global_cache() for layer in self.model.layers]
 
     def __call__(self, input_ids: mx.array, cache: list | None = None, *, pixel_values: mx.array | None = None,
                  image_features: mx.array | None = None, image_spans=None, logits: str = "all") -> mx.array | None:
@@ -218,7 +233,20 @@ class Model(nn.Module):
             image_features = self.encode_images(pixel_values)
         if image_spans is None and image_features is not None:
             image_spans = image_spans_of(input_ids[0].tolist(), self.config.image_token_index)
-        h = self.model(self.embed(input_ids, image_features, image_spans), cache, image_spans)
+        stage = self.stage
+        if stage is None or stage.first:
+            h = self.embed(input_ids, image_features, image_spans)
+        else:  # a later pipeline stage: the previous stage's output, (B, L, hidden)
+            h = stage.receive((*input_ids.shape, self.config.text.hidden_size), self.model.norm.weight.dtype)
+        h = self.model(h, cache, image_spans, norm=stage is None or stage.last)
+        if stage is not None and not stage.last:
+            stage.pass_on(h)
+            if logits == "none":
+                return None
+            # Only rank 0 has logits; these stand in (never computed): every rank goes on with agree()'s tokens.
+            B, L = input_ids.shape
+            width = self.config.text.hidden_size if logits == "hidden" else self.config.text.vocab_size
+            return mx.broadcast_to(mx.zeros((1, 1, 1), h.dtype), (B, 1 if logits == "last" else L, width))
         if logits == "none":
             return None
         if logits == "hidden":  # final-norm hidden states (B, L, D): apply `head` where needed
@@ -230,3 +258,28 @@ class Model(nn.Module):
     def head(self, h: mx.array) -> mx.array:
         # The output head is tied to the embedding matrix.
         return self.model.embed_tokens.as_linear(h)
+
+    # ------------------------------------------------------------------ across several processes (shard.py)
+
+    def shard(self, group: mx.distributed.Group) -> "Model":
+        """Tensor parallel over `group`, in place: each rank keeps 1/N of the heads, of the MLP and of the
+        vocabulary; rank 0 alone keeps the vision tower (images are encoded there and broadcast)."""
+        groups = {m.group_size for layer in self.model.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)
+                  if hasattr(m, "group_size")}
+        check_tensor(self.config.text, group.size(), groups)
+        shard_tensor(self, group)
+        if group.rank() != 0 and "vision_tower" in self:
+            del self.vision_tower, self.multi_modal_projector
+        self.group = group
+        return self
+
+    def pipeline(self, group: mx.distributed.Group, weights=None) -> "Model":
+        """Pipeline parallel over `group`, in place: this rank keeps its run of layers, in proportion to
+        `weights` (one per rank, e.g. each one's memory; equal when None). Rank 0 has the last layers."""
+        self.stage = pipeline(self, group, weights)
+        self.group = group
+        return self
+
+    def agree(self, tokens: mx.array) -> mx.array:
+        """The sampled tokens every rank continues with: rank 0's (the engine calls this once per step)."""
+        return tokens if self.group is None else agree(tokens, self.group, computed=self.stage is None)
