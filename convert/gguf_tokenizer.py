@@ -4,13 +4,15 @@ A GGUF keeps the vocabulary as three arrays (`tokenizer.ggml.tokens/scores/token
 the normalizer or trainer settings, so we supply Gemma's: BPE, byte fallback, split digits,
 identity normalizer, no dummy prefix, whitespace kept as is. The ModelProto is written with a
 tiny hand-rolled protobuf encoder (three wire types), so there is no protobuf dependency.
-Deliberately not handled: non-SentencePiece GGUF tokenizers (GPT-2 byte-level BPE and friends).
+Every array is checked (types, one entry per token, special ids inside the vocabulary) before
+it is used. Deliberately not handled: non-SentencePiece GGUF tokenizers (GPT-2 byte-level BPE and friends).
 """
 
 import struct
 
-import gguf
 import numpy as np
+
+from .gguf_file import STRING, Array, GGUFFile
 
 # SentencePiece piece types (sentencepiece_model.proto); GGUF uses the same numbering.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
@@ -44,37 +46,47 @@ def _float(field: int, value: float) -> bytes:  # wire type 5: fixed32
     return _varint(field << 3 | 5) + struct.pack("<f", value)
 
 
-def _string_array(field: gguf.ReaderField) -> list[bytes]:
-    return [bytes(field.parts[i]) for i in field.data]
+MAX_TOKENS = 1 << 22
 
 
-def _number_array(field: gguf.ReaderField) -> np.ndarray:
-    return np.concatenate([field.parts[i] for i in field.data])
+def _array(f: GGUFFile, key: str, n: int | None, numeric: bool) -> Array | None:
+    a = f.fields.get(key)
+    if a is None:
+        return None
+    if not isinstance(a, Array) or (a.item_type == STRING) == numeric or (numeric and a.item_type == 7):
+        raise ValueError(f"{key} must be an array of {'numbers' if numeric else 'strings'}")
+    if n is not None and a.count != n:
+        raise ValueError(f"{key} has {a.count:,} entries for {n:,} tokens")
+    return a
 
 
-def _scalar(reader: gguf.GGUFReader, key: str, default: int) -> int:
-    field = reader.fields.get(key)
-    return default if field is None else int(field.parts[field.data[0]][0])
+def _special_id(f: GGUFFile, key: str, default: int, n: int) -> int:
+    v = f.fields.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n:
+        raise ValueError(f"{key} is {v!r}, not a token id below {n:,}")
+    return v
 
 
-def sentencepiece_model_from_gguf(reader: gguf.GGUFReader) -> bytes:
+def sentencepiece_model_from_gguf(f: GGUFFile) -> bytes:
     """A serialized SentencePiece ModelProto equivalent to the GGUF's tokenizer."""
-    fields = reader.fields
-    if "tokenizer.ggml.tokens" not in fields or "tokenizer.ggml.model" not in fields:
+    if "tokenizer.ggml.tokens" not in f.fields or "tokenizer.ggml.model" not in f.fields:
         raise ValueError("GGUF file has no tokenizer metadata (tokenizer.ggml.tokens / tokenizer.ggml.model)")
-    model_field = fields["tokenizer.ggml.model"]
-    model = bytes(model_field.parts[model_field.data[0]]).decode("utf-8")
+    model = f.fields["tokenizer.ggml.model"]
     if model != "llama":
-        raise ValueError(f"GGUF tokenizer is {model!r}, not a SentencePiece ('llama') tokenizer")
-
-    tokens = _string_array(fields["tokenizer.ggml.tokens"])
-    n = len(tokens)
-    scores = fields.get("tokenizer.ggml.scores")
-    scores = _number_array(scores) if scores is not None else np.zeros(n)
-    types = fields.get("tokenizer.ggml.token_type")
-    types = _number_array(types) if types is not None else np.full(n, NORMAL)
+        raise ValueError(f"GGUF tokenizer is {model!r}, not a SentencePiece ('llama') tokenizer"[:200])
+    token_array = _array(f, "tokenizer.ggml.tokens", None, numeric=False)
+    n = token_array.count
+    if not 1 <= n <= MAX_TOKENS:
+        raise ValueError(f"tokenizer.ggml.tokens has {n:,} entries (1 to {MAX_TOKENS:,})")
+    tokens = f.strings(token_array)
+    scores = _array(f, "tokenizer.ggml.scores", n, numeric=True)
+    scores = f.numbers(scores).astype(np.float32) if scores is not None else np.zeros(n, np.float32)
+    types = _array(f, "tokenizer.ggml.token_type", n, numeric=True)
+    types = f.numbers(types) if types is not None else np.full(n, NORMAL)
+    if types.dtype.kind not in "iu" or not np.isin(types, (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, 5, BYTE)).all():
+        raise ValueError("tokenizer.ggml.token_type holds values that are not SentencePiece piece types")
     ids = {
-        name: _scalar(reader, f"tokenizer.ggml.{key}_token_id", DEFAULT_IDS[name])
+        name: _special_id(f, f"tokenizer.ggml.{key}_token_id", DEFAULT_IDS[name], n)
         for name, key in [("unk", "unknown"), ("bos", "bos"), ("eos", "eos"), ("pad", "padding")]
     }
 

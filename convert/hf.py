@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Iterator
 
 import mlx.core as mx
 
 from ..config import ModelConfig, instruction_tuned_from_name
-from ..errors import ConversionError
+from ..errors import ConversionError, ModelFileError
+from ..files import read_bytes, read_json
 from ..loader import load_config
 from ..safetensors_io import SafetensorsFile, checkpoint_files
+from ..tokenizer import MAX_TOKENIZER_BYTES, check_tokenizer
 from ..vision import vision_name
 from ..weights import checkpoint_weights, sanitize_name
 
@@ -33,7 +34,7 @@ class HFSource:
 
     def _instruction_tuned(self, name: str | None) -> bool:
         """By the name (hub id, directory, transformers' _name_or_path), else by a chat template beside the weights."""
-        raw = json.loads((self.path / "config.json").read_text())
+        raw = read_json(self.path / "config.json", 1 << 20, "a config.json")
         for n in (name, self.path.resolve().name, raw.get("_name_or_path") if isinstance(raw, dict) else None):
             said = instruction_tuned_from_name(str(n)) if n else None
             if said is not None:
@@ -41,9 +42,10 @@ class HFSource:
         if (self.path / "chat_template.jinja").exists() or (self.path / "chat_template.json").exists():
             return True
         try:
-            return "chat_template" in json.loads((self.path / "tokenizer_config.json").read_text())
-        except (OSError, ValueError, TypeError):
+            settings = read_json(self.path / "tokenizer_config.json", 64 << 20, "a tokenizer_config.json")
+        except ModelFileError:
             return False
+        return isinstance(settings, dict) and "chat_template" in settings
 
     def tensor_count(self) -> int:
         vision = self._config.vision is not None
@@ -54,6 +56,15 @@ class HFSource:
         """(MLX name, tensor) at the checkpoint's precision; the vision tower in MLX layout."""
         return checkpoint_weights(self.files, vision=self._config.vision is not None)
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """MLX name -> shape of every text-model tensor (the vision tower's are checked when loaded)."""
+        return {n: f.shape(k) for f in self.files for k in f.names if (n := sanitize_name(k)) is not None}
+
     def tokenizer_model(self) -> bytes | None:
+        """tokenizer.model's bytes, checked to load and to fit the embedding; None if there is none."""
         f = self.path / "tokenizer.model"
-        return f.read_bytes() if f.exists() else None
+        if not f.exists():
+            return None
+        proto = read_bytes(f, MAX_TOKENIZER_BYTES, "a tokenizer.model")
+        check_tokenizer(proto, self._config.text.vocab_size, str(f))
+        return proto

@@ -15,3 +15,7 @@ class ModelFileError(Gemma3Error):
 
 class ConversionError(Gemma3Error):
     """A checkpoint that cannot be converted."""
+
+
+class TokenIdError(Gemma3Error, ValueError):
+    """A token id outside the model's embedding table (it would read memory that is not the model's)."""

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError, Gemma3Error
+from .files import read_bytes
 
 IMAGE_TOKEN = "<start_of_image>"
 
@@ -29,6 +30,7 @@ class ImageError(Gemma3Error):
 
 
 MIN_SIDE = 2
+MAX_IMAGE_BYTES = 256 << 20  # an uncompressed image at Pillow's pixel limit (89M pixels, RGB) is ~268 MB
 
 
 def _one_line(e: BaseException) -> str:
@@ -64,9 +66,10 @@ def _open(image_or_path) -> Image.Image:
         path = Path(image_or_path).expanduser()
         if not path.exists():
             raise ImageError(f"image not found: {path}")
-        if not path.is_file():
+        if not path.is_file():  # a directory, FIFO or device (/dev/zero would never end)
             raise ImageError(f"not an image file: {path}")
-        return Image.open(io.BytesIO(path.read_bytes()))  # no file handle left open
+        # Size-capped before a byte is read; read whole, so no file handle is left open.
+        return Image.open(io.BytesIO(read_bytes(path, MAX_IMAGE_BYTES, "an image file", ImageError)))
     raise ImageError(f"expected an image path, bytes or a PIL image, got {type(image_or_path).__name__}")
 
 

@@ -18,10 +18,19 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import ROLLBACK, KVCache, QuantizedKVCache, WindowCache
-from .errors import Gemma3Error
+from .errors import Gemma3Error, TokenIdError
 from .model import image_spans_of
 
 FORMAT = "gemma3-mlx-prompt-cache/1"
+
+
+def check_ids(ids: list[int], config) -> None:
+    """Every id must index the embedding table (MLX does not bounds-check a gather: an id past
+    the table reads memory that is not the model's); a vision model's image soft token may lie past it."""
+    vocab, image = config.text.vocab_size, config.image_token_index if config.vision is not None else None
+    bad = next((t for t in ids if not 0 <= t < vocab and t != image), None)
+    if bad is not None:
+        raise TokenIdError(f"token id {bad:,} is outside the model's vocabulary (0 to {vocab - 1:,})")
 
 
 class PromptCacheError(Gemma3Error):
@@ -195,6 +204,7 @@ class PromptCache:
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("the prompt is empty")
+        check_ids(ids, self.model.config)
         limit = self.model.config.text.max_position_embeddings
         if len(ids) >= limit:
             raise ValueError(f"the prompt has {len(ids)} tokens: more than the model's context of {limit}")

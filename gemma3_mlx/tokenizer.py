@@ -14,6 +14,9 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from .errors import ModelFileError
+
+MAX_TOKENIZER_BYTES = 64 << 20  # Gemma's tokenizer.model is 4.7 MB
 _ROLES = {"user": "user", "assistant": "model", "model": "model"}
 IMAGE_SOFT_TOKEN = "<image_soft_token>"
 
@@ -32,11 +35,7 @@ class Tokenizer:
     ):
         if (path is None) == (model_proto is None):
             raise ValueError("pass exactly one of a tokenizer.model path or model_proto bytes")
-        if path is not None:
-            self._sp = spm.SentencePieceProcessor(model_file=str(path))
-        else:
-            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
-        sp = self._sp
+        self._sp = sp = _processor(path, model_proto)
         self.vocab_size = sp.get_piece_size()
         self.pad_id, self.eos_id = sp.pad_id(), sp.eos_id()
         self.bos_id, self.unk_id = sp.bos_id(), sp.unk_id()
@@ -69,15 +68,17 @@ class Tokenizer:
     def from_bytes(cls, model_proto: bytes, **image_ids) -> "Tokenizer":
         return cls(model_proto=model_proto, **image_ids)
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids; special-token strings become their ids, and BOS is added only if not already first."""
+    def encode(self, text: str, add_bos: bool = True, special: bool | frozenset = True) -> list[int]:
+        """Token ids; BOS is added only if not already first. Special-token strings become their ids
+        (`special=True`, as HF does), only those in a set (`special={...}`), or none (False: text from
+        someone else, in which a typed "<end_of_turn>" must stay text; SentencePiece spells it out)."""
         ids, start, pos = [], 0, 0
         # Leftmost-longest match of special strings, as HF's added-token splitter does.
-        while (m := self._special_start.search(text, pos)) is not None:
+        while special and (m := self._special_start.search(text, pos)) is not None:
             i = m.start()
             for n in self._special_lengths:
                 token = self._special.get(text[i : i + n]) if i + n <= len(text) else None
-                if token is not None:
+                if token is not None and (special is True or text[i : i + n] in special):
                     break
             else:
                 pos = i + 1
@@ -106,10 +107,10 @@ class Tokenizer:
         data = b"".join(self.token_bytes(int(i), skip_special) for i in ids)
         return data.decode("utf-8", errors="replace")
 
-    def _turn(self, role: str, text: str, ids=None) -> list[int]:
+    def _turn(self, role: str, text: str, ids=None, special: bool | frozenset = True) -> list[int]:
         # <start_of_turn>{role}\n{text}<end_of_turn>\n ; role and text are encoded together, as HF does.
         # `ids`: a model turn's tokens as generated, which a prompt cache already holds.
-        body = self.encode(f"{role}\n{text}", add_bos=False) if ids is None else [
+        body = self.encode(f"{role}\n{text}", add_bos=False, special=special) if ids is None else [
             *self.encode(f"{role}\n", add_bos=False), *(int(i) for i in ids)]
         return [self.start_of_turn_id, *body, self.end_of_turn_id, *self.encode("\n", add_bos=False)]
 
@@ -117,7 +118,8 @@ class Tokenizer:
         """<start_of_turn>model\\n: the ids that ask the model for a reply."""
         return [self.start_of_turn_id, *self.encode("model\n", add_bos=False)]
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, strip: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, strip: bool = True,
+                            special: bool | frozenset = True) -> list[int]:
         """Ids for a whole conversation, starting with the single BOS.
 
         Gemma has no system role: a leading system message is put before the first user message,
@@ -125,6 +127,7 @@ class Tokenizer:
         stripped of surrounding whitespace. Roles must alternate user/model, starting with user.
         A model message may carry "ids", the tokens it was generated as: they are used instead of
         re-encoding its text, so a chat's prompt is exactly what its prompt cache holds.
+        `special`: which special-token strings in the contents become ids (see `encode`).
         """
         messages = list(messages)
         prefix = ""
@@ -143,7 +146,7 @@ class Tokenizer:
                 )
             text = _content(message).strip() if strip else _content(message)  # strip=False: already done
             turn_ids = message.get("ids") if role == "model" else None
-            ids += self._turn(role, (prefix if i == 0 else "") + text, turn_ids)
+            ids += self._turn(role, (prefix if i == 0 else "") + text, turn_ids, special)
         if add_generation_prompt:
             ids += self.generation_prompt_ids()
         return ids
@@ -157,6 +160,34 @@ class Tokenizer:
         role = _role({"role": role, "content": text})
         ids = self._turn(role, text.strip())
         return ids + self.generation_prompt_ids() if add_generation_prompt else ids
+
+
+def _processor(path: str | Path | None, model_proto: bytes | None) -> spm.SentencePieceProcessor:
+    """SentencePiece loaded from a regular file of a sane size or from bytes; ModelFileError if it cannot be."""
+    name = "tokenizer.model bytes"
+    if path is not None:
+        p, name = Path(path), str(path)
+        if not p.is_file():  # a FIFO or a device would block or never end
+            raise ModelFileError(f"{name}: not a regular file")
+        if p.stat().st_size > MAX_TOKENIZER_BYTES:
+            raise ModelFileError(f"{name}: {p.stat().st_size:,} bytes is too large for a tokenizer.model")
+        model_proto = p.read_bytes()
+    try:
+        return spm.SentencePieceProcessor(model_proto=model_proto)
+    except (RuntimeError, OSError, TypeError) as e:  # SentencePiece raises RuntimeError("INTERNAL: ...")
+        raise ModelFileError(f"{name}: not a valid SentencePiece tokenizer.model ({' '.join(str(e).split())[:200]})") from None
+
+
+def check_tokenizer(model_proto: bytes, vocab_size: int, what: str = "tokenizer.model") -> int:
+    """The number of pieces of a serialized tokenizer, checked to load and to fit an embedding of
+    `vocab_size` rows (a larger vocabulary would look up rows that do not exist)."""
+    try:
+        n = _processor(None, model_proto).get_piece_size()
+    except ModelFileError as e:
+        raise ModelFileError(f"{what}: {str(e).split(': ', 1)[1]}") from None
+    if n > vocab_size:
+        raise ModelFileError(f"{what} has {n:,} pieces but the model's embedding has only {vocab_size:,} rows")
+    return n
 
 
 def _role(message: dict) -> str:

@@ -9,6 +9,7 @@ import pytest
 import gemma3_mlx
 import sentencepiece as spm
 
+from gemma3_mlx.convert.gguf_file import GGUFFile
 from gemma3_mlx.convert.gguf_tokenizer import sentencepiece_model_from_gguf
 from gemma3_mlx.tokenizer import StreamingDetokenizer, Tokenizer
 
@@ -22,7 +23,7 @@ CONVERSATION_IDS = [f"c{i}" for i in range(len(CONVERSATIONS))]
 @pytest.fixture(scope="session")
 def tokenizer_model(gguf_270m, tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    path.write_bytes(sentencepiece_model_from_gguf(gguf.GGUFReader(gguf_270m)))
+    path.write_bytes(sentencepiece_model_from_gguf(GGUFFile(gguf_270m)))
     return path
 
 
@@ -68,7 +69,7 @@ def write_gguf(path, arch: str, tokenizer_model: str | None):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return gguf.GGUFReader(path)
+    return GGUFFile(path)
 
 
 def test_gguf_without_tokenizer_raises(tmp_path):
