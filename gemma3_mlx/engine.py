@@ -24,7 +24,7 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from .cache import ROLLBACK
-from .prompt_cache import PromptCache
+from .prompt_cache import PromptCache, check_ids
 from .sample import Sampler, make_sampler
 from .speculate import paying, run_round
 
@@ -153,6 +153,7 @@ class Engine:
         elif cache.cache_args != self.cache_args and (self.rows or self.waiting or self.max_batch > 1):
             raise ValueError(f"this cache was made with {cache.cache_args}, the engine batches {self.cache_args}")
         prompt = [int(t) for t in prompt]
+        check_ids(prompt, self.model.config)
         steps = cache.prefill_steps(prompt, self.prefill_chunk, images)
         if draft is not None and logprobs is not None:
             raise ValueError("logprobs are not reported while speculating")

@@ -7,7 +7,6 @@ Metal/CUDA. It never downloads: resolving model names is models.py's job.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ import mlx.nn as nn
 
 from .config import ModelConfig, instruction_tuned_from_name
 from .errors import ConfigError, ModelFileError
+from .files import read_json
 from .model import Model
 from .packing import unpack
 from .safetensors_io import SafetensorsFile, checkpoint_files
@@ -128,10 +128,7 @@ def load_config(path: Path) -> ModelConfig:
         raise ModelFileError(f"{path}: not a model directory")
     if not f.exists():
         raise ConfigError(f"{path}: no config.json (is this a model directory?)")
-    try:
-        d = json.loads(f.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{f}: not valid JSON ({e})") from None
+    d = read_json(f, 1 << 20, "a config.json", ConfigError)  # bounded: a config is a few KB
     if isinstance(d, dict) and d.get("instruction_tuned") is None:  # converted before the key was recorded
         d["instruction_tuned"] = instruction_tuned_from_name(path.resolve().name)
     return ModelConfig.from_dict(d)
@@ -177,10 +174,13 @@ def load_tokenizer(path: str | Path, *, config: ModelConfig | None = None) -> To
         warnings.warn(f"{path}: no tokenizer.model; token ids only", stacklevel=2)
         return None
     c = config or load_config(Path(path))
-    if c.vision is None:
-        return Tokenizer(f)
-    return Tokenizer(f, boi_token_index=c.boi_token_index, eoi_token_index=c.eoi_token_index,
-                     image_token_index=c.image_token_index)
+    image_ids = {} if c.vision is None else {"boi_token_index": c.boi_token_index, "eoi_token_index": c.eoi_token_index,
+                                             "image_token_index": c.image_token_index}
+    tok = Tokenizer(f, **image_ids)
+    if tok.vocab_size > c.text.vocab_size:  # its ids would look up embedding rows that do not exist
+        raise ModelFileError(f"{f}: {tok.vocab_size:,} pieces, but the model's embedding has only "
+                             f"{c.text.vocab_size:,} rows (the tokenizer belongs to another model)")
+    return tok
 
 
 def load(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize: bool | None = None) -> tuple:
