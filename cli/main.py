@@ -373,6 +373,42 @@ def chat(
     chat_loop.run(session, path, pending, interactive)
 
 
+@app.command()
+def serve(
+    model: Optional[str] = ModelOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; beyond this machine only with --api-key."),
+    port: int = typer.Option(8080, "--port", min=0, max=65535, help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GEMMA3_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' (or set GEMMA3_API_KEY)."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Sequences decoded together."),
+    max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests waiting beyond the batch (then 503)."),
+    cache_gb: float = typer.Option(2.0, "--cache-gb", min=0.0, help="Memory for idle conversations' caches (LRU)."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the global KV cache to 4 or 8 bits."),
+    cors: Optional[list[str]] = typer.Option(None, "--cors", help="Allow browser pages from this origin (repeatable)."),
+    quiet: bool = QuietOpt,
+):
+    """Serve a model over the OpenAI API (chat and text completions, streaming, images) on localhost.
+
+    Example: gemma3 serve -m gemma-3-1b-it-q5 --port 8080
+    """
+    from . import serve as server  # lazy: starlette and uvicorn load only here
+
+    set_quiet(quiet)
+    with user_errors():
+        if not server.is_loopback(host) and not api_key:
+            fail(f"--host {host} listens beyond this machine: give --api-key too (or use 127.0.0.1)")
+        if kv_bits is not None and kv_bits not in (4, 8):
+            fail(f"--kv-bits must be 4 or 8 (got {kv_bits})")
+        path = resolve_model(model)
+        model_obj, tokenizer = load(path)
+        if tokenizer is None:
+            fail("the model has no tokenizer.model")
+        names = (path.name,) + ((model,) if model and model != path.name else ())
+        ready = lambda: note(f"serving {path.name} at http://{host}:{port}/v1 (Ctrl-C stops)")  # noqa: E731
+        server.serve(model_obj, tokenizer, names, host=host, port=port, api_key=api_key, cors=cors,
+                     max_batch=max_batch, max_queue=max_queue, cache_gb=cache_gb, kv_bits=kv_bits, on_ready=ready)
+
+
 def main():
     app()
 

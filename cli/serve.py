@@ -1,0 +1,320 @@
+"""`gemma3 serve`: an OpenAI-compatible HTTP server over one model (Starlette on uvicorn).
+
+The event loop only parses, checks and streams; one model thread (serve_worker.Worker) does every
+MLX call. Each request waits on an asyncio queue the worker fills from its thread. A disconnect is
+heard directly (a task awaiting the ASGI `http.disconnect`, streaming or not) and cancels the
+request in the engine at its next step. Safe by default: loopback only unless an API key is set
+(Bearer, compared in constant time), no CORS unless asked, bodies capped, a bounded queue (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import uuid
+
+import mlx.core as mx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from . import serve_api as api
+from .serve_worker import Worker
+
+MAX_BODY = 25 << 20  # bytes: a few images as base64
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _error(e: api.ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
+
+
+class _EventStream:
+    """A text/event-stream ASGI response that cancels its job if the client goes away."""
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+
+    async def __call__(self, scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                                (b"x-accel-buffering", b"no")]})
+        try:
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client went away while we wrote: the generator's finally cancels the job
+            pass
+        finally:
+            await self.chunks.aclose()
+
+
+class _Request:
+    """One admitted job: its answers from the worker, and the watch for a disconnect."""
+
+    def __init__(self, worker: Worker, request: Request):
+        self.worker, self.request = worker, request
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.loop = asyncio.get_running_loop()
+        self.watch = None
+        self.job = None
+        self.finished = False
+
+    def send(self, item) -> None:  # called from the model thread
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (shutting down)
+            pass
+
+    async def _disconnected(self) -> None:
+        while (await self.request.receive())["type"] != "http.disconnect":
+            pass
+
+    def start(self, job) -> None:
+        self.job = job
+        if not self.worker.submit(job):
+            raise api.ApiError(503, f"the server is busy ({self.worker.max_pending} requests in flight); "
+                                    "try again shortly", code="queue_full")
+        self.watch = asyncio.ensure_future(self._disconnected())
+
+    async def next(self):
+        """The worker's next item; None once the client disconnected (the job is then cancelled)."""
+        getter = asyncio.ensure_future(self.queue.get())
+        await asyncio.wait({getter, self.watch}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            item = getter.result()
+            if item[0] in ("done", "error"):
+                self.finished = True
+            return item
+        getter.cancel()
+        self.close()
+        return None
+
+    def close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.worker.cancel(self.job)
+        if self.watch is not None:
+            self.watch.cancel()
+
+
+def make_app(worker: Worker, model_names: tuple[str, ...], *, api_key: str | None = None,
+             cors: list[str] | None = None, max_body: int = MAX_BODY) -> Starlette:
+    """The ASGI app over a started Worker. `model_names`: the served name first, then its aliases."""
+    tokenizer, vision = worker.tokenizer, worker.model.config.vision is not None
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    def authorize(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):  # constant time: the key is not guessed byte by byte
+            raise api.ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
+
+    async def read_json(request: Request) -> dict:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > max_body:
+            raise api.ApiError(413, f"the request body is over {max_body} bytes", code="body_too_large")
+        data, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > max_body:
+                raise api.ApiError(413, f"the request body is over {max_body} bytes", code="body_too_large")
+            data.append(chunk)
+        try:
+            body = json.loads(b"".join(data))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise api.ApiError(400, f"malformed JSON: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise api.ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        return body
+
+    async def complete(request: Request, chat: bool):
+        authorize(request)
+        body = await read_json(request)
+        req = _Request(worker, request)
+        if chat:
+            job, opts = api.chat_job(body, model_names, req.send, vision)
+        else:
+            job, opts = api.completion_job(body, model_names, req.send)
+        shapes = api.Shapes(chat, opts["model"], tokenizer, ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex)
+        req.start(job)
+        try:
+            first = await req.next()  # "accepted", or an error found while building the prompt
+        except BaseException:
+            req.close()
+            raise
+        if first is None:
+            return PlainTextResponse("", status_code=499)
+        if first[0] == "error":
+            req.close()
+            return _error(api.ApiError(first[1], first[2]))
+        if opts["stream"]:
+            return _EventStream(_stream(req, shapes, opts["include_usage"]))
+        return await _whole(req, shapes)
+
+    async def chat_completions(request: Request):
+        return await complete(request, chat=True)
+
+    async def completions(request: Request):
+        return await complete(request, chat=False)
+
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "gemma3-mlx"}
+
+    async def list_models(request: Request):
+        authorize(request)
+        return JSONResponse({"object": "list", "data": [model_card(model_names[0])]})
+
+    async def get_model(request: Request):
+        authorize(request)
+        name = request.path_params["name"]
+        if name not in model_names:
+            raise api.ApiError(404, f"the model {name!r} is not served here; this server serves {model_names[0]!r}",
+                               code="model_not_found")
+        return JSONResponse(model_card(name))
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok" if worker.is_alive() else "stopped", "model": model_names[0]})
+
+    async def metrics(request: Request):
+        authorize(request)
+        return PlainTextResponse(prometheus(worker), media_type="text/plain; version=0.0.4")
+
+    async def api_error(request, e: api.ApiError):
+        return _error(e)
+
+    async def http_error(request, e: HTTPException):
+        what = "no such route" if e.status_code == 404 else e.detail
+        return _error(api.ApiError(e.status_code, f"{request.method} {request.url.path}: {what}",
+                                   code="not_found" if e.status_code == 404 else None))
+
+    async def server_error(request, e: Exception):
+        return _error(api.ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+
+    routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/models", list_models), Route("/v1/models/{name:path}", get_model),
+              Route("/health", health), Route("/metrics", metrics)]
+    middleware = [Middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST"],
+                             allow_headers=["authorization", "content-type"])] if cors else []
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={api.ApiError: api_error, HTTPException: http_error, Exception: server_error})
+
+
+async def _stream(req: _Request, shapes: api.Shapes, include_usage: bool):
+    try:
+        yield _sse(shapes.chunk(None, role=True, include_usage=include_usage)) if shapes.chat else b""
+        while True:
+            item = await req.next()
+            if item is None:
+                return
+            if item[0] == "delta":
+                yield _sse(shapes.chunk(item[1], lps=item[2], include_usage=include_usage))
+            elif item[0] == "done":
+                yield _sse(shapes.chunk(None, item[1], include_usage=include_usage))
+                if include_usage:
+                    yield _sse(shapes.usage_chunk(item[2]))
+                yield _sse(b"[DONE]")
+                return
+            elif item[0] == "error":
+                yield _sse(api.ApiError(item[1], item[2]).body())
+                return
+    finally:
+        req.close()
+
+
+async def _whole(req: _Request, shapes: api.Shapes):
+    text, lps = [], [] if req.job.logprobs is not None else None
+    try:
+        while True:
+            item = await req.next()
+            if item is None:
+                return PlainTextResponse("", status_code=499)  # nobody is listening
+            if item[0] == "delta":
+                text.append(item[1])
+                if lps is not None and item[2]:
+                    lps += item[2]
+            elif item[0] == "done":
+                return JSONResponse(shapes.whole("".join(text), item[1], item[2], lps))
+            elif item[0] == "error":
+                return _error(api.ApiError(item[1], item[2]))
+    finally:
+        req.close()
+
+
+def prometheus(worker: Worker) -> str:
+    c, g = worker.counters, worker.gauges
+    rows = [
+        ("requests_total", "counter", "Requests admitted to the engine.", c["requests"]),
+        ("requests_rejected_total", "counter", "Requests refused because the queue was full.", c["rejected"]),
+        ("requests_failed_total", "counter", "Requests that ended in an error.", c["errors"]),
+        ("requests_cancelled_total", "counter", "Requests whose client went away.", c["cancelled"]),
+        ("prompt_tokens_total", "counter", "Prompt tokens of finished requests.", c["prompt_tokens"]),
+        ("cached_prompt_tokens_total", "counter", "Prompt tokens that came from the cache.", c["cached_tokens"]),
+        ("generated_tokens_total", "counter", "Tokens generated.", c["generated_tokens"]),
+        ("queue_depth", "gauge", "Requests waiting for a row in the batch.", g["queue_depth"]),
+        ("active_sequences", "gauge", "Sequences in the batch.", g["active_sequences"]),
+        ("kv_cache_bytes", "gauge", "KV cache memory: running sequences and the cache pool.", g["kv_bytes"]),
+        ("cache_pool_bytes", "gauge", "Memory of the idle conversation caches.", g["pool_bytes"]),
+        ("cache_pool_entries", "gauge", "Idle conversation caches.", g["pool_entries"]),
+        ("mlx_active_memory_bytes", "gauge", "Memory MLX holds in arrays.", mx.get_active_memory()),
+        ("mlx_cache_memory_bytes", "gauge", "Memory MLX keeps for reuse.", mx.get_cache_memory()),
+    ]
+    out = []
+    for name, kind, help_, value in rows:
+        out += [f"# HELP gemma3_{name} {help_}", f"# TYPE gemma3_{name} {kind}", f"gemma3_{name} {value}"]
+    return "\n".join(out) + "\n"
+
+
+def serve(model, tokenizer, model_names: tuple[str, ...], *, host: str = "127.0.0.1", port: int = 8080,
+          api_key: str | None = None, cors: list[str] | None = None, max_batch: int = 8, cache_gb: float = 2.0,
+          kv_bits: int | None = None, max_queue: int = 64, max_body: int = MAX_BODY, log_level: str = "warning",
+          on_ready=None) -> None:
+    """Serve until interrupted (blocks). Refuses a non-loopback host without an API key."""
+    if not is_loopback(host) and not api_key:
+        raise ValueError(f"--host {host} listens beyond this machine: give --api-key too (or use 127.0.0.1)")
+    worker = Worker(model, tokenizer, max_batch=max_batch, cache_bytes=int(cache_gb * 2**30), kv_bits=kv_bits,
+                    max_queue=max_queue)
+    worker.start()
+    app = make_app(worker, model_names, api_key=api_key, cors=cors, max_body=max_body)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+                                           timeout_graceful_shutdown=2))
+    if on_ready is not None:
+        _notify_when_started(server, on_ready)
+    try:
+        server.run()
+    finally:
+        worker.stop()
+
+
+def _notify_when_started(server: uvicorn.Server, on_ready) -> None:
+    import threading
+    import time
+
+    def wait():
+        while not server.started and not server.should_exit:
+            time.sleep(0.02)
+        if server.started:
+            on_ready()
+
+    threading.Thread(target=wait, daemon=True).start()

@@ -1,0 +1,247 @@
+"""The OpenAI schema: request bodies checked and turned into jobs, and the answers' JSON shapes.
+
+Everything a request can get wrong is an `ApiError` with the status and the OpenAI error shape
+(`{"error": {"message", "type", "param", "code"}}`). Parameters this server cannot honour are
+refused (n > 1, tools, penalties, remote image URLs), never silently ignored. Images arrive only
+as base64 `data:` URLs: this server never fetches a URL nor reads a file for a request.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+
+from ..prompt import MARKER
+from .serve_worker import Job
+
+IMAGE_PART = MARKER  # where an image part stood in a message's text
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+                             503: "server_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _bad(param: str, message: str) -> ApiError:
+    return ApiError(400, f"{param}: {message}", param=param, code="invalid_value")
+
+
+def _get(body: dict, key: str, kinds, default=None, check=None, what: str = ""):
+    """body[key] if of the right JSON type (booleans are not numbers) and passing `check`."""
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
+        names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
+                 dict: "an object"}
+        raise ApiError(400, f"{key}: expected {' or '.join(names[k] for k in kinds if k in names)}, "
+                            f"got {type(v).__name__}", param=key, code="invalid_type")
+    if check is not None and not check(v):
+        raise _bad(key, f"must be {what} (got {v!r})")
+    return v
+
+
+NUM = (int, float)
+
+
+def common(body: dict, model_names: tuple[str, ...]) -> dict:
+    """The parameters shared by chat and text completions, checked: the Job's arguments, plus
+    "stream", "include_usage" and "model" (the name to echo)."""
+    model = _get(body, "model", (str,), model_names[0])
+    if model not in model_names:
+        raise ApiError(404, f"the model {model!r} is not served here; this server serves {model_names[0]!r}",
+                       param="model", code="model_not_found")
+    if _get(body, "n", (int,), 1) != 1:
+        raise _bad("n", "only n=1 is supported (one choice per request)")
+    if _get(body, "best_of", (int,), 1) != 1:
+        raise _bad("best_of", "only best_of=1 is supported")
+    for key in ("frequency_penalty", "presence_penalty"):
+        if _get(body, key, NUM, 0) != 0:
+            raise _bad(key, "not supported (use repetition_penalty)")
+    if _get(body, "logit_bias", (dict,), {}):
+        raise _bad("logit_bias", "not supported")
+    for key in ("tools", "functions"):
+        if _get(body, key, (list,), []):
+            raise _bad(key, "tool calls are not supported")
+    fmt = _get(body, "response_format", (dict,), {"type": "text"})
+    if fmt.get("type", "text") != "text":
+        raise _bad("response_format", "only text output is supported")
+    stream = _get(body, "stream", (bool,), False)
+    options = _get(body, "stream_options", (dict,), {})
+    stop = _get(body, "stop", (str, list), [])
+    stops = [stop] if isinstance(stop, str) else stop
+    if len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise _bad("stop", "a non-empty string or up to 4 of them")
+    max_tokens = _get(body, "max_completion_tokens", (int,), None, lambda v: v >= 1, ">= 1")
+    max_tokens = max_tokens or _get(body, "max_tokens", (int,), None, lambda v: v >= 1, ">= 1")
+    sampling = {
+        "temp": float(_get(body, "temperature", NUM, 1.0, lambda v: 0 <= v <= 2, "between 0 and 2")),
+        "top_p": float(_get(body, "top_p", NUM, 1.0, lambda v: 0 < v <= 1, "in (0, 1]")),
+        "top_k": _get(body, "top_k", (int,), 0, lambda v: v >= 0, ">= 0"),
+        "min_p": float(_get(body, "min_p", NUM, 0.0, lambda v: 0 <= v < 1, "in [0, 1)")),
+        "repetition_penalty": float(_get(body, "repetition_penalty", NUM, 1.0, lambda v: v > 0, "> 0")),
+        "seed": _get(body, "seed", (int,), None),
+    }
+    return {"model": model, "stream": stream, "include_usage": bool(stream and options.get("include_usage")),
+            "max_tokens": max_tokens, "sampling": sampling, "stops": stops}
+
+
+def _image(url: str) -> bytes:
+    if not url.startswith("data:"):
+        raise ApiError(400, "image_url: only data: URLs (base64) are accepted; this server never fetches "
+                            "remote or local images", param="image_url", code="invalid_image_url")
+    head, _, data = url.partition(",")
+    if not head.endswith(";base64"):
+        raise _bad("image_url", "a data: URL must be base64 (data:image/png;base64,...)")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad("image_url", "the data: URL is not valid base64") from None
+
+
+def _content(message: dict, i: int, images: list[bytes]) -> str:
+    """A message's text, with the image marker where each image part stood (images appended)."""
+    content = message.get("content")
+    if content is None and message.get("role") == "assistant":
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ApiError(400, f"messages[{i}].content: expected a string or an array of parts", param="messages")
+    text = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            text.append(part["text"])
+        elif kind == "image_url" and isinstance(part.get("image_url"), (dict, str)):
+            url = part["image_url"]
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise _bad("image_url", "expected {\"url\": \"data:...\"}")
+            if message.get("role") != "user":
+                raise ApiError(400, f"messages[{i}]: images go in user messages", param="messages")
+            images.append(_image(url))
+            text.append(IMAGE_PART)
+        else:
+            raise ApiError(400, f"messages[{i}].content: unsupported part {kind!r} (text and image_url are)",
+                           param="messages")
+    return "".join(text)
+
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def chat_job(body: dict, model_names: tuple[str, ...], send, vision: bool) -> tuple[Job, dict]:
+    opts = common(body, model_names)
+    messages = _get(body, "messages", (list,), None)
+    if not messages:
+        raise ApiError(400, "messages: a non-empty array is required", param="messages", code="invalid_value")
+    images, out = [], []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ApiError(400, f"messages[{i}]: role must be one of system, developer, user, assistant",
+                           param="messages", code="invalid_value")
+        role, text = ROLES[m["role"]], _content(m, i, images)
+        if out and out[-1]["role"] == role:  # Gemma's turns alternate: consecutive messages of a role join
+            out[-1]["content"] += "\n\n" + text
+        else:
+            out.append({"role": role, "content": text})
+    if images and not vision:
+        raise ApiError(400, "this model cannot see images (a text-only Gemma 3)", param="messages",
+                       code="images_not_supported")
+    logprobs = None
+    if _get(body, "logprobs", (bool,), False):
+        logprobs = _get(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= 20, "between 0 and 20")
+    elif body.get("top_logprobs") is not None:
+        raise _bad("top_logprobs", "needs logprobs: true")
+    job = Job(send, messages=out, images=images, max_tokens=opts["max_tokens"], sampling=opts["sampling"],
+              stops=opts["stops"], logprobs=logprobs)
+    return job, opts
+
+
+def completion_job(body: dict, model_names: tuple[str, ...], send) -> tuple[Job, dict]:
+    opts = common(body, model_names)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    ok = isinstance(prompt, str) and prompt or isinstance(prompt, list) and prompt and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
+    if not ok:
+        raise ApiError(400, "prompt: a non-empty string or array of token ids (one prompt per request)",
+                       param="prompt", code="invalid_value")
+    if _get(body, "echo", (bool,), False) or _get(body, "suffix", (str,), None):
+        raise _bad("echo", "echo and suffix are not supported")
+    logprobs = _get(body, "logprobs", (int,), None, lambda v: 0 <= v <= 20, "between 0 and 20")
+    job = Job(send, prompt=prompt, max_tokens=opts["max_tokens"], sampling=opts["sampling"], stops=opts["stops"],
+              logprobs=logprobs)
+    return job, opts
+
+
+# ---------------------------------------------------------------------- answers
+
+
+def usage(u: dict) -> dict:
+    return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+            "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
+            "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}
+
+
+class Shapes:
+    """The JSON of one request's answers (chat or text completion, streamed or whole)."""
+
+    def __init__(self, chat: bool, model: str, tokenizer, rid: str):
+        self.chat, self.model, self.tokenizer, self.id = chat, model, tokenizer, rid
+        self.created = int(time.time())
+
+    def _base(self, chunk: bool) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "system_fingerprint": "gemma3-mlx"}
+
+    def _token(self, tok: int, lp: float) -> dict:
+        b = self.tokenizer.token_bytes(tok, skip_special=False)
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
+
+    def logprobs(self, lps: list) -> dict:
+        """lps: [(token, logprob, ((alt, logprob), ...)), ...] in the endpoint's logprobs shape."""
+        if self.chat:
+            return {"content": [{**self._token(t, lp), "top_logprobs": [self._token(a, alp) for a, alp in top]}
+                                for t, lp, top in lps]}
+        return {"tokens": [self._token(t, lp)["token"] for t, lp, _ in lps],
+                "token_logprobs": [lp for _, lp, _ in lps],
+                "top_logprobs": [{self._token(a, alp)["token"]: alp for a, alp in top} for _, _, top in lps]}
+
+    def chunk(self, text: str | None, finish: str | None = None, lps=None, role: bool = False,
+              include_usage: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        if lps:
+            choice["logprobs"] = self.logprobs(lps)
+        out = {**self._base(True), "choices": [choice]}
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, u: dict) -> dict:
+        return {**self._base(True), "choices": [], "usage": usage(u)}
+
+    def whole(self, text: str, finish: str, u: dict, lps=None) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                      "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        if lps is not None:
+            choice["logprobs"] = self.logprobs(lps)
+        return {**self._base(False), "choices": [choice], "usage": usage(u)}

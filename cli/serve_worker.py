@@ -1,0 +1,270 @@
+"""The server's one model thread: it owns the engine, the cache pool and every MLX call.
+
+The HTTP side hands it `Job`s (`submit`, `cancel`, thread-safe) and hears back through each job's
+`send`: ("accepted",) once the prompt is in the engine, ("delta", text, logprobs) as text becomes
+final, then ("done", finish_reason, usage) or ("error", status, message). Between engine steps it
+takes new jobs (prompt building, the pool's cache for the conversation) and cancellations, so a
+disconnected client frees its row within one step. Stop strings are matched here, on the text, with
+the last few characters held back until they cannot start one. No HTTP here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+
+from ..cache_pool import CachePool
+from ..engine import STOP_IDS, Engine
+from ..errors import Gemma3Error
+from ..prompt import prompt_ids
+from ..sample import make_sampler
+from ..tokenizer import StreamingDetokenizer
+
+
+@dataclass
+class Job:
+    """One request as the model thread sees it. Either chat `messages` (content strings with an
+    image marker where each of `images` goes) or a raw `prompt` (text or token ids)."""
+
+    send: Callable[[tuple], None]  # called from the model thread; must not block
+    messages: list[dict] | None = None
+    prompt: str | list[int] | None = None
+    images: list[bytes] = field(default_factory=list)
+    max_tokens: int | None = None
+    sampling: dict = field(default_factory=dict)  # make_sampler's arguments
+    stops: list[str] = field(default_factory=list)
+    logprobs: int | None = None
+    # the model thread's bookkeeping
+    uid: int | None = None
+    cache: object = None
+    detok: StreamingDetokenizer | None = None
+    tokens: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    held: str = ""  # text not yet sent: it may be the start of a stop string
+    done: bool = False
+    cut: bool = False  # ended by a stop string: the text sent is not the tokens' whole text
+
+
+class Worker(threading.Thread):
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, cache_bytes: int = 2 << 30,
+                 kv_bits: int | None = None, max_queue: int = 64, prefill_chunk: int = 512):
+        super().__init__(name="gemma3-model", daemon=True)
+        self.model, self.tokenizer = model, tokenizer
+        self.engine = Engine(model, max_batch=max_batch, prefill_chunk=prefill_chunk, kv_bits=kv_bits)
+        self.pool = CachePool(model, cache_bytes, **self.engine.cache_args)
+        self.context = model.config.text.max_position_embeddings
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.jobs: dict[int, Job] = {}
+        self.max_pending = max_batch + max_queue  # requests admitted and not yet finished
+        self.pending = 0
+        self._lock = threading.Lock()
+        self.counters = dict.fromkeys(("requests", "rejected", "errors", "cancelled", "prompt_tokens",
+                                       "cached_tokens", "generated_tokens"), 0)
+        self.gauges = {"queue_depth": 0, "active_sequences": 0, "kv_bytes": 0, "pool_bytes": 0, "pool_entries": 0}
+        self._stopping = False
+        self._used = False  # MLX's buffer cache may hold memory from work since the last clear
+
+    # ------------------------------------------------------------------ any thread
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job; False when the queue is full (nothing queued)."""
+        with self._lock:
+            if self.pending >= self.max_pending:
+                self.counters["rejected"] += 1
+                return False
+            self.pending += 1
+        self.inbox.put(("submit", job))
+        return True
+
+    def cancel(self, job: Job) -> None:
+        self.inbox.put(("cancel", job))
+
+    def stop(self) -> None:
+        self.inbox.put(("stop", None))
+        self.join(timeout=10)
+
+    # ------------------------------------------------------------------ the model thread
+
+    def run(self) -> None:
+        while not self._stopping:
+            try:
+                self._take(block=not self.engine.has_work)
+                if self.engine.has_work:
+                    self._step()
+            except Exception as e:  # a bug must not kill the server: fail what runs, keep serving
+                self._fail_all(f"internal error: {type(e).__name__}: {e}")
+            self._measure()
+        self.engine.close()
+
+    def _take(self, block: bool) -> None:
+        try:
+            kind, job = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            if block and self._used:  # idle for a while: give MLX's buffer cache back, so memory follows
+                mx.clear_cache()  # the pool's bound (not at once: it waits for the step queued ahead, GIL held)
+                self._used = False
+            return
+        self._used = True
+        while True:
+            if kind == "stop":
+                self._stopping = True
+                return
+            if kind == "submit":
+                self._start(job)
+            elif job.uid is not None and job.uid in self.jobs:
+                self.engine.cancel(job.uid)
+            try:
+                kind, job = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _start(self, job: Job) -> None:
+        try:
+            ids, blocks = self._prompt(job)
+            if len(ids) >= self.context:
+                raise ValueError(f"the prompt has {len(ids)} tokens: more than the model's context of {self.context}")
+            room = self.context - len(ids)
+            max_tokens = min(job.max_tokens or room, room)
+            sampler = make_sampler(**job.sampling)
+            job.cache = self.pool.take(ids)
+            job.uid = self.engine.submit(ids, max_tokens=max_tokens, sampler=sampler, stop_ids=STOP_IDS,
+                                         images=blocks, cache=job.cache, logprobs=job.logprobs)
+        except (ValueError, Gemma3Error) as e:  # the request's fault: a bad image, a prompt too long
+            if job.cache is not None:
+                self.pool.give(job.cache)
+            self._end(job)
+            self.counters["errors"] += 1
+            job.send(("error", 400, " ".join(str(e).split())))
+            return
+        job.detok = StreamingDetokenizer(self.tokenizer)
+        self.jobs[job.uid] = job
+        self.counters["requests"] += 1
+        job.send(("accepted", len(ids)))
+
+    def _prompt(self, job: Job):
+        if job.messages is None:
+            return prompt_ids(self.tokenizer, self.model.config, job.prompt)
+        messages = []
+        for m in job.messages:
+            m = dict(m)
+            if m["role"] == "assistant" and (ids := self.pool.reply_ids(m["content"])) is not None:
+                m["ids"] = ids  # the reply as generated: what the cache of this conversation holds
+            messages.append(m)
+        return prompt_ids(self.tokenizer, self.model.config, messages, job.images or None)
+
+    def _step(self) -> None:
+        try:
+            events = self.engine.step()
+        except Exception as e:  # e.g. an image the vision tower cannot take: fail the sequences it left
+            self._sweep(f"{type(e).__name__}: {' '.join(str(e).split())}")
+            return
+        for ev in events:
+            job = self.jobs.get(ev.uid)
+            if job is not None:
+                self._event(job, ev)
+
+    def _event(self, job: Job, ev) -> None:
+        if ev.finish_reason == "cancelled" or job.done:
+            if ev.finish_reason:
+                self._release(job, ev, cancelled=not job.done)
+            return
+        text, lps = "", None
+        if ev.token is not None and ev.finish_reason != "stop":
+            job.tokens.append(ev.token)
+            text = job.detok.add(ev.token)
+            if job.logprobs is not None:
+                lps = [(ev.token, ev.logprob, ev.top_logprobs)]
+        if ev.finish_reason:
+            text += job.detok.finalize()
+        out, finish = self._stop_strings(job, text)
+        finish = finish or ev.finish_reason
+        if finish and not job.cut:
+            out += job.held
+            job.held = ""
+        if out or lps:
+            job.text.append(out)
+            job.send(("delta", out, lps))
+        if finish:
+            job.done = True
+            s = ev.stats
+            usage = {"prompt_tokens": s.prompt_tokens, "completion_tokens": len(job.tokens),
+                     "cached_tokens": s.prompt_tokens - s.prefill_tokens}
+            job.send(("done", finish, usage))
+            if ev.finish_reason:
+                self._release(job, ev)
+            else:
+                self.engine.cancel(job.uid)  # a stop string: the engine stops at the next step
+
+    @staticmethod
+    def _stop_strings(job: Job, text: str) -> tuple[str, str | None]:
+        """(text that can be sent, "stop" when a stop string ended the reply)."""
+        if not job.stops:
+            return text, None
+        held = job.held + text
+        hits = [i for i in (held.find(s) for s in job.stops) if i >= 0]
+        if hits:
+            job.held, job.cut = "", True
+            return held[: min(hits)], "stop"
+        keep = max(len(s) for s in job.stops) - 1  # a stop string may start in these characters
+        cut = max(len(held) - keep, 0)
+        job.held = held[cut:]
+        return held[:cut], None
+
+    def _release(self, job: Job, ev, cancelled: bool = False) -> None:
+        s = ev.stats
+        self.counters["prompt_tokens"] += s.prompt_tokens
+        self.counters["cached_tokens"] += s.prompt_tokens - s.prefill_tokens
+        self.counters["generated_tokens"] += len(job.tokens)
+        if cancelled:
+            self.counters["cancelled"] += 1
+        elif not job.cut and job.messages is not None:
+            self.pool.remember("".join(job.text), job.tokens)
+        self.jobs.pop(job.uid, None)
+        self.pool.give(job.cache)
+        self._end(job)
+
+    def _end(self, job: Job) -> None:
+        job.done, job.cache = True, None  # the pool owns the cache now: an evicted one is freed at once
+        with self._lock:
+            self.pending -= 1
+
+    def _sweep(self, message: str) -> None:
+        """After a failed step: every job the engine no longer holds ends with an error."""
+        e = self.engine
+        live = {s.uid for s in itertools.chain(e.waiting, e.rows, e.spec)}
+        for uid in [u for u in self.jobs if u not in live]:
+            job = self.jobs.pop(uid)
+            if not job.done:
+                self.counters["errors"] += 1
+                job.send(("error", 500, message))
+            job.cache.realign()
+            self.pool.give(job.cache)
+            self._end(job)
+
+    def _fail_all(self, message: str) -> None:
+        try:
+            self.engine.close()
+        except Exception:
+            self.engine = Engine(self.model, max_batch=self.engine.max_batch,
+                                 prefill_chunk=self.engine.prefill_chunk, **self.engine.cache_args)
+        for job in self.jobs.values():
+            if not job.done:
+                self.counters["errors"] += 1
+                job.send(("error", 500, message))
+            self._end(job)
+        self.jobs.clear()
+        self.pool.clear()
+
+    def _measure(self) -> None:
+        e = self.engine
+        active = sum(c.nbytes for c in e.layers) if e.layers else 0
+        active += sum(s.cache.nbytes for s in itertools.chain(e.waiting, e.spec))
+        self.gauges = {"queue_depth": len(e.waiting) + self.inbox.qsize(), "active_sequences": len(e.rows) + len(e.spec),
+                       "kv_bytes": active + self.pool.bytes, "pool_bytes": self.pool.bytes,
+                       "pool_entries": len(self.pool), "time": time.time()}
