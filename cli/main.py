@@ -25,6 +25,7 @@ from ..chat import ChatSession
 from ..generate import stream_generate
 from ..image import load_image
 from ..loader import load, load_config
+from ..memory import DoesNotFit, describe, ensure_fits, gb, machine_memory, needs
 from ..errors import Gemma3Error
 from ..models import DEFAULT_MODEL, damaged, list_models, looks_like_hub_id, models_dir, remove, resolve
 from ..prompt_cache import PromptCache
@@ -56,7 +57,10 @@ def open_model(path: Path, **options):
     with the command that removes it."""
     with status(f"loading {path.name} ..."):
         try:
+            ensure_fits(path, dtype=options.get("dtype"))  # before loading: one line, not a machine swapping to a halt
             return load(path, **options)
+        except DoesNotFit:
+            raise
         except (Gemma3Error, ValueError, OSError) as e:
             raise damaged(path, e) from None
 
@@ -169,6 +173,10 @@ def convert(
 
 def print_quality(q: dict) -> None:
     typer.echo(f"quality vs source ({q['tokens']} tokens): KL divergence {q['kl']:.5f}, top-1 agreement {100 * q['top1']:.1f}%")
+    if q.get("layer_error"):
+        i = q["worst_layer"]
+        note(f"  layer by layer on the float model's activations: worst is layer {i}, "
+             f"{100 * q['layer_error'][i]:.1f}% off what it adds (median {100 * statistics.median(q['layer_error']):.1f}%)")
 
 
 @app.command()
@@ -243,8 +251,11 @@ def rm(name: str = typer.Argument(..., help="A converted model's name, as `gemma
 
 @app.command()
 def info(model: Optional[str] = typer.Argument(None, help="Model directory, .gguf file, converted model name or hub id "
-                                                        "(default: Gemma 3 270M).")):
-    """Show a model's configuration, layer kinds, quantization, size and KV-cache memory.
+                                                        "(default: Gemma 3 270M)."),
+         context: int = typer.Option(8192, "--context", min=1, help="Context for the memory needed to run."),
+         kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Global KV cache at 4 or 8 bits (default: 16).")):
+    """Show a model's configuration, layer kinds, quantization, size, KV-cache memory, and the memory it needs
+    on this machine to load and to run at --context.
 
     A hub id not converted yet is described from its config.json alone (a few KB): nothing else is fetched.
 
@@ -272,6 +283,12 @@ def info(model: Optional[str] = typer.Argument(None, help="Model directory, .ggu
         for ctx in sorted({8192, 32768, t.max_position_embeddings}):
             typer.echo(f"KV at {ctx // 1024:>3d}K     {kv_bytes(c, ctx) / 2**30:.2f} GiB 16-bit "
                        f"({kv_bytes(c, ctx, full=True) / 2**30:.2f} GiB if every layer kept the full context)")
+        n, have = needs(path, context=context, kv_bits=kv_bits, config=c), machine_memory()
+        typer.echo(f"memory to load  {gb(n.to_load)} ({describe(n)})")
+        typer.echo(f"memory to run   {gb(n.to_run)} at {context} tokens (+ KV {gb(n.kv)} at {kv_bits or 16} bits, "
+                   f"activations {gb(n.activations)})")
+        verdict = "fits" if n.to_run <= have else "loads, but not at this context" if n.to_load <= have else "does not fit"
+        typer.echo(f"this machine    {gb(have)}: {verdict}")
 
 
 @app.command()
