@@ -30,6 +30,7 @@ from ..errors import Gemma3Error
 from ..models import DEFAULT_MODEL, damaged, list_models, looks_like_hub_id, models_dir, remove, resolve
 from ..prompt_cache import PromptCache
 from . import chat as chat_loop
+from .parallel import open_parallel, quiet_other_ranks, read_on_rank0, report_ranks, shared_stdin
 from .ui import App, Progress, QuietOpt, UI, _warn, fail, note, set_quiet, speculation, status, user_errors
 
 app = App(
@@ -45,6 +46,7 @@ app = App(
 def setup():
     """Run Google's Gemma 3 models on your own machine, with MLX."""
     warnings.showwarning = _warn  # library warnings (e.g. a checkpoint without a tokenizer): one line each
+    quiet_other_ranks(sys.argv[1:])  # under mlx.launch --parallel: rank 0 alone speaks
 
 
 def resolve_model(model: Optional[str]) -> Path:
@@ -100,6 +102,8 @@ def generate(
                                               "decoding: the same output, faster when its guesses hold)."),
     prompt_lookup: bool = typer.Option(False, "--prompt-lookup", help="Speculate by copying from the prompt (summaries, "
                                                                       "edits, quotes): the same output."),
+    parallel: Optional[str] = typer.Option(None, "--parallel", help="tensor or pipeline: one model across the "
+                                           "processes mlx.launch starts (see the README)."),
     quiet: bool = QuietOpt,
 ):
     """Stream a completion of PROMPT.
@@ -112,15 +116,20 @@ def generate(
     with user_errors():
         if image:
             image = [load_image(p) for p in image]  # fail fast, before loading the model
-        path = resolve_model(model)
-        model_obj, tokenizer = open_model(path, dtype=dtype)
+        group = None
+        if parallel:
+            group, path, model_obj, tokenizer = open_parallel(model, parallel, resolve_model, dtype,
+                                                              speculating=bool(draft_model or prompt_lookup))
+        else:
+            path = resolve_model(model)
+            model_obj, tokenizer = open_model(path, dtype=dtype)
         if tokenizer is None:
             fail("the model has no tokenizer.model")
         if not raw:
             warn_if_base(path, model_obj.config, "add --raw, or use {it}")
         draft = open_model(resolve_model(draft_model), dtype=dtype)[0] if draft_model else None
         if prompt == "-":
-            prompt = sys.stdin.read()
+            prompt = shared_stdin(group)
         text = prompt if raw else ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         for r in stream_generate(
             model_obj, tokenizer, text, max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p,
@@ -135,6 +144,8 @@ def generate(
                         f"at {r.generation_tps:.2f} tok/s, peak memory {r.peak_memory_gb:.2f} GB, "
                         f"KV cache {r.kv_bytes / 1e6:.1f} MB, finish: {r.finish_reason}{speculation(r.stats)}",
                         err=True, dim=True, color=UI.color)
+            if group is not None:
+                report_ranks(group, model_obj, r.kv_bytes)
 
 
 @app.command()
@@ -149,6 +160,9 @@ def convert(
     quantize_vision: bool = typer.Option(False, "--quantize-vision", help="Also quantize the vision tower's linear layers to 8 bits."),
     no_check: bool = typer.Option(False, "--no-check", help="Skip the quality check against the source."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Round with the float model's activations on calibration text (GPTQ)."),
+    calibration_data: Optional[Path] = typer.Option(None, "--calibration-data", help="Calibration text: a text or JSONL file (default: built in)."),
+    calibration_tokens: int = typer.Option(8192, "--calibration-tokens", help="Calibration tokens to use."),
     quiet: bool = QuietOpt,
 ):
     """Convert a checkpoint into an MLX model directory, and report its size and quality loss.
@@ -160,15 +174,25 @@ def convert(
     from ..convert import convert as run  # lazy: see the imports at the top
 
     set_quiet(quiet)
+    calibration = None
+    if calibrate or calibration_data is not None:
+        calibration = {"data": calibration_data, "tokens": calibration_tokens, "progress": Progress("Calibrating")}
     with user_errors():
         r = run(source, out, dtype=dtype, bits=bits, group_size=group_size, recipe=recipe,
                 method="rtn" if rtn else "search", force=force, check=not no_check, quantize_vision=quantize_vision,
-                progress=Progress("Converting"))
+                progress=Progress("Converting"), calibration=calibration)
         for fmt, n in sorted(r.formats.items()):
             note(f"  {n:4d} x {fmt}")
         typer.echo(f"{r.out}: {r.n_params / 1e6:.1f}M parameters, {r.n_bytes / 1e6:.1f} MB, {r.bits_per_weight:.2f} bits per weight")
+        if r.calibration:
+            c = r.calibration
+            note(f"calibrated on {c['tokens']} tokens ({c['source']}) in {c['seconds']:.0f} s; "
+                 f"peak memory {c['peak_rss_mb']:.0f} MB")
         if r.quality:
             print_quality(r.quality)
+            if r.calibration:
+                typer.echo("  (held out: that text was not used for calibration)" if r.calibration["held_out"]
+                           else "  (not held out: the calibration data contains that text)")
 
 
 def print_quality(q: dict) -> None:
@@ -361,6 +385,8 @@ def chat(
     draft_model: Optional[str] = typer.Option(None, "--draft-model", help="A smaller Gemma 3 guessing ahead (speculative "
                                               "decoding: the same replies, faster when its guesses hold)."),
     prompt_lookup: bool = typer.Option(False, "--prompt-lookup", help="Speculate by copying from the conversation."),
+    parallel: Optional[str] = typer.Option(None, "--parallel", help="tensor or pipeline: one model across the "
+                                           "processes mlx.launch starts (see the README)."),
     quiet: bool = QuietOpt,
 ):
     """Chat with a model. Each turn processes only its new tokens; piped input is one message per line.
@@ -374,9 +400,14 @@ def chat(
         if pending:
             for p in pending:  # fail fast, before loading the model
                 load_image(p)
-        path = resolve_model(model)
-        note(f"loading {path.name} ...", dim=True)
-        model_obj, tokenizer = open_model(path)
+        group = None
+        if parallel:
+            group, path, model_obj, tokenizer = open_parallel(model, parallel, resolve_model,
+                                                              speculating=bool(draft_model or prompt_lookup))
+        else:
+            path = resolve_model(model)
+            note(f"loading {path.name} ...", dim=True)
+            model_obj, tokenizer = open_model(path)
         if tokenizer is None:
             fail("the model has no tokenizer.model")
         if pending and model_obj.config.vision is None:
@@ -387,7 +418,8 @@ def chat(
                               prompt_lookup=prompt_lookup,
                               max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                               repetition_penalty=repetition_penalty, seed=seed)
-    chat_loop.run(session, path, pending, interactive)
+    read = chat_loop.read_message if group is None else read_on_rank0(chat_loop.read_message, group)
+    chat_loop.run(session, path, pending, interactive, read=read)
 
 
 @app.command()
@@ -417,7 +449,7 @@ def serve(
         if kv_bits is not None and kv_bits not in (4, 8):
             fail(f"--kv-bits must be 4 or 8 (got {kv_bits})")
         path = resolve_model(model)
-        model_obj, tokenizer = load(path)
+        model_obj, tokenizer = open_model(path)  # refuses a model this machine cannot hold
         if tokenizer is None:
             fail("the model has no tokenizer.model")
         names = (path.name,) + ((model,) if model and model != path.name else ())

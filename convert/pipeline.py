@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import ConversionError
+from .calibrate import calibrate, peak_rss_mb
 from .quality import check_against_source
 from .quantize import quantize
 from .sources import open_source
@@ -54,6 +55,7 @@ class ConversionReport:
     n_bytes: int
     formats: Counter = field(default_factory=Counter)  # "Q4_K (exact) -> 4-bit g32": tensor count
     quality: dict | None = None  # {"kl": ..., "top1": ..., "tokens": ...} against the float source
+    calibration: dict | None = None  # calibrate.Calibration.summary() when calibrated
 
     @property
     def bits_per_weight(self) -> float:
@@ -116,9 +118,15 @@ def convert(
     check: bool = False,
     quantize_vision: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    calibration: dict | None = None,
 ) -> ConversionReport:
-    """Convert `source` into the MLX model directory `out`. Never modifies `source`."""
+    """Convert `source` into the MLX model directory `out`. Never modifies `source`.
+
+    `calibration`: calibrate.calibrate's keywords (data, tokens, seed, progress) to round every
+    quantized text matrix with its input statistics (GPTQ); {} for the defaults."""
     validate(bits, group_size, recipe, dtype)
+    if calibration is not None and bits is None and recipe is None:
+        raise ConversionError("--calibrate needs --bits or --recipe")
     out = Path(out).expanduser()
     check_output(out, force, keep=[source])  # before a download or a GGUF is read
     src = open_source(source)
@@ -131,6 +139,9 @@ def convert(
     total = src.tensor_count()
     report = ConversionReport(out, 0, 0)
     settings: dict[str, dict] = {}
+    calib = calibrate(src, **calibration) if calibration is not None else None
+    if calib is not None:
+        report.calibration = calib.summary()
 
     with atomic_directory(out, force=force, keep=[src.path]) as tmp:
         writer = ShardWriter(tmp)
@@ -149,7 +160,8 @@ def convert(
                     _tick(progress, i, total)
                     continue
                 try:
-                    wq, scales, biases = quantize(t, spec[0], spec[1], method=method)
+                    done = calib and calib.quantize(name, t, spec[0], spec[1])
+                    wq, scales, biases = done or quantize(t, spec[0], spec[1], method=method)
                 except ValueError as e:
                     raise ConversionError(f"{name}: {e}") from None
                 q, requantized = QuantizedTensor(wq, scales, biases, spec[0], spec[1], origin), native
@@ -173,6 +185,9 @@ def convert(
             if not np.isfinite(report.quality["kl"]):  # nothing is published: the block fails
                 raise ConversionError(f"the converted model's outputs are not finite (KL {report.quality['kl']}): "
                                       "the conversion is broken, nothing was written")
+    if calib is not None:
+        calib.close()
+        report.calibration["peak_rss_mb"] = peak_rss_mb()  # of the whole conversion
     return report
 
 
