@@ -122,6 +122,9 @@ class TextConfig:
         if heads % kwargs.get("num_key_value_heads", cls.num_key_value_heads):
             raise ConfigError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
                               f"({kwargs.get('num_key_value_heads', cls.num_key_value_heads)})")
+        window, context = (kwargs.get(k, getattr(cls, k)) for k in ("sliding_window", "max_position_embeddings"))
+        if window > context:  # each local layer allocates its window up front
+            raise ConfigError(f"sliding_window {window:,} is larger than max_position_embeddings {context:,}")
         n = kwargs.get("num_hidden_layers", cls.num_hidden_layers)
         kwargs["layer_types"] = _layer_types(d, n)
         kwargs["rope_local"], kwargs["rope_global"] = _rope(d)
