@@ -448,6 +448,7 @@ def serve(
             fail(f"--host {host} listens beyond this machine: give --api-key too (or use 127.0.0.1)")
         if kv_bits is not None and kv_bits not in (4, 8):
             fail(f"--kv-bits must be 4 or 8 (got {kv_bits})")
+        sock = server.bind(host, port)  # before loading: a port in use fails at once
         path = resolve_model(model)
         model_obj, tokenizer = open_model(path)  # refuses a model this machine cannot hold
         if tokenizer is None:
@@ -455,7 +456,8 @@ def serve(
         names = (path.name,) + ((model,) if model and model != path.name else ())
         ready = lambda: note(f"serving {path.name} at http://{host}:{port}/v1 (Ctrl-C stops)")  # noqa: E731
         server.serve(model_obj, tokenizer, names, host=host, port=port, api_key=api_key, cors=cors,
-                     max_batch=max_batch, max_queue=max_queue, cache_gb=cache_gb, kv_bits=kv_bits, on_ready=ready)
+                     max_batch=max_batch, max_queue=max_queue, cache_gb=cache_gb, kv_bits=kv_bits, sock=sock,
+                     on_ready=ready)
 
 
 def main():

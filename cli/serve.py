@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import socket
 import uuid
 
 import mlx.core as mx
@@ -286,13 +287,29 @@ def prometheus(worker: Worker) -> str:
     return "\n".join(out) + "\n"
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, made before the model loads: a port in use is one error line at once."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def serve(model, tokenizer, model_names: tuple[str, ...], *, host: str = "127.0.0.1", port: int = 8080,
           api_key: str | None = None, cors: list[str] | None = None, max_batch: int = 8, cache_gb: float = 2.0,
           kv_bits: int | None = None, max_queue: int = 64, max_body: int = MAX_BODY, log_level: str = "warning",
-          on_ready=None) -> None:
-    """Serve until interrupted (blocks). Refuses a non-loopback host without an API key."""
+          sock: socket.socket | None = None, on_ready=None) -> None:
+    """Serve until interrupted (blocks). Refuses a non-loopback host without an API key. `sock`: a socket
+    from `bind` (else one is bound to host:port here)."""
     if not is_loopback(host) and not api_key:
         raise ValueError(f"--host {host} listens beyond this machine: give --api-key too (or use 127.0.0.1)")
+    sock = sock or bind(host, port)
     worker = Worker(model, tokenizer, max_batch=max_batch, cache_bytes=int(cache_gb * 2**30), kv_bits=kv_bits,
                     max_queue=max_queue)
     worker.start()
@@ -302,9 +319,10 @@ def serve(model, tokenizer, model_names: tuple[str, ...], *, host: str = "127.0.
     if on_ready is not None:
         _notify_when_started(server, on_ready)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         worker.stop()
+        sock.close()
 
 
 def _notify_when_started(server: uvicorn.Server, on_ready) -> None:

@@ -2,8 +2,9 @@
 
 A server does not know which conversation a request continues: `take(ids)` lends out the idle cache
 that keeps the most of `ids` (a conversation extended, or its last turn edited or regenerated: the
-PromptCache rolls back to its nearest snapshot), or a fresh one when none keeps anything, so an
-unrelated request never destroys another conversation's cache. A cache lent out is not in the pool;
+PromptCache rolls back to its nearest snapshot), or a fresh one when none would keep at least half
+of what it holds, so an unrelated request (sharing a BOS, a chat header, a system prompt with no
+snapshot after it) never destroys another conversation's cache. A cache lent out is not in the pool;
 `give` puts it back, and the least recently used caches are dropped while the pool holds more than
 `max_bytes` (KV, snapshots and encoded images all counted).
 
@@ -30,14 +31,26 @@ def cache_bytes(pc: PromptCache) -> int:
     return total + sum(f.nbytes for f in pc._encoded.values())
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix, by bisection over slice comparisons (C speed: a pool compares a
+    prompt with every idle conversation, often sharing a long system prompt)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def kept_prefix(pc: PromptCache, ids: list[int]) -> int:
     """How many tokens of `ids` a cache would keep: the common prefix when its rings can take the rest
     back, else its nearest snapshot at or before the common prefix (as PromptCache.rewind does)."""
-    common = 0
-    for x, y in zip(pc.tokens, ids):
-        if x != y:
-            break
-        common += 1
+    common = common_prefix(pc.tokens, ids)
     drop = len(pc.tokens) - common
     if drop == 0 or all(c.can_trim() >= drop for c in pc.layers if isinstance(c, WindowCache)):
         return common
@@ -63,7 +76,7 @@ class CachePool:
         best, kept = None, 0
         for key, (pc, _) in self.idle.items():
             k = kept_prefix(pc, ids)
-            if k > kept:
+            if k > kept and 2 * k >= len(pc.tokens):  # most of it is kept: the same conversation
                 best, kept = key, k
         if best is None:
             self.misses += 1

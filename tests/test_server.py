@@ -169,6 +169,11 @@ def test_non_loopback_host_needs_a_key():
 
     r = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "-m", "/nonexistent"])
     assert r.exit_code == 1 and "--api-key" in r.output and "Traceback" not in r.output
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = CliRunner().invoke(app, ["serve", "--port", str(taken.getsockname()[1]), "-m", "/nonexistent"])
+    assert r.exit_code == 1 and "cannot listen on 127.0.0.1" in r.output and "Traceback" not in r.output
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
 
@@ -450,3 +455,31 @@ def test_real_270m_sees_an_image_by_data_url_and_the_example_runs(real):
                         capture_output=True, text=True, timeout=300)
     assert ex.returncode == 0, ex.stderr
     assert f"[{real.name}: {len(ids)} prompt tokens, {len(ids)} of them from the cache; 2 generated]" in ex.stdout
+
+
+def test_cache_pool_lends_a_conversation_back_and_evicts_by_bytes(tiny):
+    from gemma3_mlx.cache_pool import CachePool, cache_bytes
+
+    tok = tiny.tokenizer
+    turn1 = tok.apply_chat_template([{"role": "user", "content": "A first question about the weather today."}])
+    other = tok.apply_chat_template([{"role": "user", "content": "Something else entirely."}])
+    pool = CachePool(tiny.model, 1 << 30)
+    a = pool.take(turn1)
+    a.prefill(turn1)
+    a.snapshot()
+    pool.give(a)
+    assert pool.take(other) is not a and pool.misses == 2  # shares only the chat header: a stays
+    assert pool.take(turn1 + [107, 2364]) is a and pool.hits == 1  # its continuation takes it
+    pool.give(a)
+    size = cache_bytes(a)
+    assert pool.bytes == size > a.nbytes  # the snapshot counts
+    b = pool.take(other)
+    b.prefill(other)
+    pool.max_bytes = cache_bytes(b)
+    pool.give(b)  # over the cap: the least recently used goes
+    assert list(pool.idle) == [id(b)] and pool.bytes == cache_bytes(b) and pool.evictions == 1
+    pool.max_bytes = 0
+    pool.give(pool.take(other))  # b again, now larger than the whole pool: dropped
+    assert len(pool) == 0 and pool.bytes == 0 and pool.evictions == 2
+    pool.remember("  Hello there. ", [9259, 1003])
+    assert pool.reply_ids("Hello there.") == [9259, 1003] and pool.reply_ids("Hello") is None
