@@ -24,6 +24,7 @@ NOT_CORE = {"gemma3_mlx", "gemma3_mlx.models"}
 LAZY = {
     ("gemma3_mlx.models", "gemma3_mlx.convert"): "start-up: the converter imports gguf (~80 ms), needed only on a model's first use",
     ("gemma3_mlx.cli.main", "gemma3_mlx.convert"): "start-up: `gemma3 --help` and generation never need the converter",
+    ("gemma3_mlx.cli.main", "gemma3_mlx.cli.serve"): "start-up: uvicorn and starlette (~0.2-0.4 s) only for `gemma3 serve`",
 }
 
 
