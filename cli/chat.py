@@ -36,8 +36,10 @@ def _settings_text(session) -> str:
                      if flag != "temperature")
 
 
-def run(session, path: Path, pending: list, interactive: bool) -> None:
-    """Read messages until Ctrl-D or /quit; `pending`: images for the first message."""
+def run(session, path: Path, pending: list, interactive: bool, read=None) -> None:
+    """Read messages until Ctrl-D or /quit; `pending`: images for the first message; `read(prompt, more)`:
+    how a message is read (read_message; across ranks, rank 0 reads for all: cli/parallel.py)."""
+    read = read or read_message
     model_obj = session.model
     prompt, more = "", ""
     if interactive:
@@ -53,7 +55,7 @@ def run(session, path: Path, pending: list, interactive: bool) -> None:
         note("gemma3 chat: /help for commands, Ctrl-D to quit", dim=True)
     while True:
         try:
-            line = read_message(prompt, more)
+            line = read(prompt, more)
         except EOFError:
             if interactive:
                 typer.echo("", err=True)

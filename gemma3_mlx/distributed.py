@@ -97,9 +97,9 @@ def broadcast_text(text: str | None, group: mx.distributed.Group) -> str | None:
     return np.array(got, dtype=np.uint8).tobytes().decode()
 
 
-def gather(values: list[float], group: mx.distributed.Group) -> list[list[float]]:
-    """Each rank's `values` (same length everywhere), on every rank: [rank][i]."""
-    out = mx.distributed.all_gather(mx.array([values], mx.float32), group=group)
+def gather(values: list[int], group: mx.distributed.Group) -> list[list[int]]:
+    """Each rank's integer `values` (same length everywhere), on every rank: [rank][i]."""
+    out = mx.distributed.all_gather(mx.array([[int(v) for v in values]], mx.int64), group=group)
     return out.tolist()
 
 
@@ -119,11 +119,16 @@ def _identity(path) -> tuple[str, str]:
 
 def check_same(group: mx.distributed.Group, **things) -> None:
     """Raise ClusterError (the same on every rank) unless every rank has equal `things`: a model path
-    (compared by identity), a command line. Values: str, or ("path", p) for a model directory."""
+    (compared by identity), a command line. Values: JSON-able, ("path", p) for a model directory, or
+    the exception this rank met finding it (reported by rank 0 as that rank's)."""
     rows = []
     for key, value in things.items():
-        digest, label = _identity(value[1]) if isinstance(value, tuple) else (
-            hashlib.sha256(json.dumps(value).encode()).hexdigest(), str(value))
+        if isinstance(value, BaseException):  # this rank could not even find it
+            digest, label = "error", " ".join(str(value).split())
+        elif isinstance(value, tuple):
+            digest, label = _identity(value[1])
+        else:
+            digest, label = hashlib.sha256(json.dumps(value).encode()).hexdigest(), str(value)
         raw = (digest[:16] + "|" + label).encode()[:256].ljust(256, b"\0")
         rows.append(np.frombuffer(raw, np.uint8))
     mine = mx.array(np.stack(rows).astype(np.int32))[None]  # (1, K, 256)
@@ -154,7 +159,7 @@ def load(path, group: mx.distributed.Group, parallel: str, dtype=None, dequantiz
     tensors (and slices) of the directory. `weights`: pipeline shares per rank (default: each rank's memory)."""
     config = load_config(Path(path))
     if parallel == "pipeline" and weights is None:
-        weights = [row[0] for row in gather([memory_size() / 2**30], group)]
+        weights = [row[0] for row in gather([memory_size() // 2**20], group)]
     plan = Plan(config, group, parallel, weights)
     model = load_model(path, dtype, dequantize, config=config, plan=plan)
     return model, load_tokenizer(path, config=config)

@@ -135,11 +135,12 @@ def load_config(path: Path) -> ModelConfig:
 
 
 def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize: bool | None = None, *,
-               config: ModelConfig | None = None) -> Model:
+               config: ModelConfig | None = None, plan=None) -> Model:
     """Build the model of a directory. Quantized weights stay quantized on GPUs; on the CPU
     backend (`dequantize=None`) they are expanded to the compute dtype, because MLX's CPU
     quantized kernels run ~2x (decode) to ~40x (prefill) slower than float matmuls with BLAS.
-    `config` is the directory's config.json when the caller has read it already (as `load` has)."""
+    `config` is the directory's config.json when the caller has read it already (as `load` has).
+    `plan`: a shard.Plan: this rank reads only its own tensors and slices, and the model is split to match."""
     path = Path(path)
     config = config or load_config(path)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype())
@@ -148,9 +149,12 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize
     model = Model(config)  # its random initial weights are lazy: never computed, replaced below
     if dequantize is None:
         dequantize = mx.default_device() == mx.cpu
-    weights = read_weights(path, config, dtype, dequantize)
-    if config.quantization and not dequantize:
-        quantize_like(model, config.quantization, weights)
+    weights = read_weights(path, config, dtype, dequantize, *((plan.keep, plan.take) if plan else ()))
+    quantize = (lambda m: quantize_like(m, config.quantization, weights)) if config.quantization and not dequantize else None
+    if plan is not None:
+        plan.apply(model, quantize)  # split the model as the weights were, quantized layers included
+    elif quantize:
+        quantize(model)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
@@ -160,10 +164,12 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize
 
 
 def read_weights(path: Path, config: ModelConfig, dtype: mx.Dtype, dequantize: bool,
-                 select: Callable[[str], bool] | None = None) -> dict[str, mx.array]:
-    """A directory's weights under MLX names (those `select` keeps), materialised one at a time."""
+                 select: Callable[[str], bool] | None = None, take=None) -> dict[str, mx.array]:
+    """A directory's weights under MLX names (those `select` keeps; `take(name, w) -> (name, w)`, when
+    given, renames and cuts each down to a rank's part: shard.Plan), materialised one at a time."""
     files = [SafetensorsFile(f) for f in checkpoint_files(Path(path))]
-    lazy = {n: w for n, w in checkpoint_weights(files, vision=config.vision is not None) if not select or select(n)}
+    lazy = dict(take(n, w) if take else (n, w) for n, w in checkpoint_weights(files, vision=config.vision is not None)
+                if not select or select(n))
     return materialise(lazy, config.quantization, dtype, expand=bool(config.quantization) and dequantize)
 
 

@@ -274,11 +274,18 @@ class Plan:
         index[axis] = slice(r * n, (r + 1) * n)
         return mx.contiguous(w[tuple(index)])  # a copy once evaluated: the whole tensor is not kept
 
-    def apply(self, model) -> None:
+    def apply(self, model, quantize=None) -> None:
+        """Split a freshly built `model`; `quantize(model)` swaps in the quantized layers the checkpoint
+        has (before splitting for tensor parallel, which splits them; after for a pipeline, whose
+        layers are renumbered)."""
         if self.mode == "tensor":
+            if quantize:
+                quantize(model)
             model.shard(self.group)
         else:
             model.pipeline(self.group, self.weights)
+            if quantize:
+                quantize(model)
 
 
 __all__ = ["Plan", "Stage", "VocabShardedEmbedding", "agree", "kv_heads", "pipeline", "shard_tensor", "split_layers"]

@@ -1,0 +1,193 @@
+"""Tensor and pipeline parallel over MLX's ring backend on 127.0.0.1: 2 and 4 local processes started
+by `mlx.launch` give token for token what one process gives, and each rank holds only its share.
+
+Every configuration runs inside one launch per group size (tests/distributed_worker.py loops over
+them and writes a JSON file); the single-process references are computed here.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gemma3_mlx  # noqa: F401
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from distributed_worker import run_case
+from gemma3_mlx.loader import load_model
+from gemma3_mlx.config import ModelConfig
+from gemma3_mlx.model import Model
+from gemma3_mlx.shard import kv_heads, split_layers
+
+ROOT = Path(__file__).parent.parent
+BIN = Path(sys.executable).parent
+LAUNCH = [str(BIN / "mlx.launch"), "--backend", "ring"]
+VLM = "tests/fixtures/tiny_vlm"
+# (query heads, kv heads, head_dim) of the real models: 270M/1B, 4B, 12B, 27B
+LAYOUTS = [(4, 1, 256), (8, 4, 256), (16, 8, 256), (32, 16, 128)]
+
+
+def tiny_dir(root: Path, heads: int, kv: int, hd: int, bits: int | None) -> str:
+    """A random Gemma 3 with a real head layout: 7 layers (5 local, window 8), vocabulary 512."""
+    d = {"model_type": "gemma3_text", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 256,
+         "num_hidden_layers": 7, "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd,
+         "query_pre_attn_scalar": hd, "sliding_window": 8, "max_position_embeddings": 512}
+    mx.random.seed(heads + 100 * kv + hd)
+    model = Model(ModelConfig.from_dict(d))
+    if bits:
+        nn.quantize(model, group_size=64, bits=bits)
+        d["quantization"] = {"group_size": 64, "bits": bits}
+    out = root / f"h{heads}_{kv}_{hd}_{bits or 'f'}"
+    out.mkdir()
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (out / "config.json").write_text(json.dumps(d))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    return {(h, kv, hd, bits): tiny_dir(root, h, kv, hd, bits) for h, kv, hd in LAYOUTS for bits in (None, 4)}
+
+
+# 15 prompt tokens in chunks of 6, then 4 more: past the window of 8. Few steps: on 2 busy cores each of
+# the ~17 collectives of a step waits for the other processes to be scheduled.
+PROMPT = [2] + list(range(10, 24))
+BATCH = [PROMPT, [2] + list(range(40, 46))]  # two rows at different positions
+
+
+def cases_for(dirs, modes, **kw):
+    return [{"dir": d, "mode": m, "dequantize": False, "prompts": [PROMPT], "n": 4, "chunk": 6, **kw}
+            for d in dirs for m in modes]
+
+
+def launch(n: int, cases: list, tmp: Path, timeout: int = 400) -> list:
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    out = tmp / "results.json"
+    p = subprocess.run(LAUNCH + ["-n", str(n), "--python", sys.executable, "tests/distributed_worker.py",
+                                 str(tmp / "cases.json"), str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0 and out.exists(), p.stdout[-2000:] + p.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def param_bytes(model, pattern: str) -> int:
+    return sum(v.nbytes for k, v in tree_flatten(model.parameters()) if re.search(pattern, k))
+
+
+def check(case: dict, got: dict, n: int, model=None) -> None:
+    """The same tokens as one process; per-rank parameter and KV bytes printed, and bounded by each
+    rank's share."""
+    model = model or load_model(case["dir"], "float32", case.get("dequantize"))
+    ref = run_case(model, case)
+    assert got["tokens"] == ref["tokens"], case
+    t = model.config.text
+    total = param_bytes(model, ".")
+    vision = param_bytes(model, "^(vision_tower|multi_modal_projector)")
+    print(f"{Path(case['dir']).name} {case['mode']} x{n}: parameters {total} -> {got['params']}, "
+          f"KV {ref['kv']} -> {got['kv']}")
+    if case["mode"] == "tensor":
+        repl = param_bytes(model, "norm") + vision
+        if t.num_key_value_heads % n:
+            repl += param_bytes(model, r"\.(k_proj|v_proj)\.")
+        for r in range(n):
+            assert got["params"][r] <= total / n + repl
+            lo, hi = kv_heads(t.num_attention_heads, t.num_key_value_heads, r, n)
+            assert got["kv"][r] == ref["kv"] * (hi - lo) // t.num_key_value_heads
+    else:
+        ranges = split_layers(t.is_local, case.get("weights") or [1] * n)
+        embed = param_bytes(model, "^model\\.(embed_tokens|norm)\\.")
+        for r, (a, b) in enumerate(ranges):
+            mine = param_bytes(model, r"^model\.layers\.(" + "|".join(map(str, range(a, b))) + r")\.")
+            assert got["params"][r] <= mine + embed + (vision if r == n - 1 else 0)
+        assert sum(got["kv"]) == ref["kv"]
+
+
+def test_split_layers():
+    assert split_layers([True] * 5 + [False], [1, 1]) == [(3, 6), (0, 3)]  # rank 1 runs the first layers
+    assert split_layers([True] * 5 + [False] + [True] * 6, [3, 1]) == [(3, 12), (0, 3)]  # 3:1 memory
+    with pytest.raises(ValueError, match="no sliding-window layer"):
+        split_layers([True, False, False, True], [1, 1, 1, 1])
+    with pytest.raises(ValueError, match="at least 4 layers"):
+        split_layers([True] * 3, [1] * 4)
+
+
+def test_two_ranks_match_one_process(tiny, tmp_path):
+    cases = cases_for(tiny.values(), ("tensor", "pipeline"))
+    cases += cases_for([tiny[(16, 8, 256, 4)]], ("tensor", "pipeline"), prompts=BATCH, n=8)
+    cases += [{"dir": VLM, "mode": mode, "image": "one_image", "prompts": [], "n": 3} for mode in ("tensor", "pipeline")]
+    # Uneven memory (3:1), sampled: rank 0 samples for both.
+    cases += cases_for([tiny[(8, 4, 256, None)]], ["pipeline"], weights=[3, 1], temp=0.8, seed=5, n=8)
+    got = launch(2, cases, tmp_path)
+    for case, g in zip(cases, got):
+        check(case, g, 2)
+
+
+def test_four_ranks_match_one_process(tiny, tmp_path):
+    cases = cases_for([d for (h, kv, hd, bits), d in tiny.items() if bits is None or h == 8], ["tensor"])
+    cases += cases_for([tiny[(16, 8, 256, None)]], ["pipeline"], prompts=BATCH)
+    cases += cases_for([tiny[(32, 16, 128, 4)]], ["pipeline"])
+    cases += [{"dir": VLM, "mode": "tensor", "image": "one_image", "prompts": [], "n": 3}]
+    got = launch(4, cases, tmp_path)
+    for case, g in zip(cases, got):
+        check(case, g, 4)
+
+
+def gemma3(*args, n: int = 0, env=None, stdin=None, timeout=300):
+    """The gemma3 command, alone (n=0) or on n local ranks under mlx.launch."""
+    cmd = ([*LAUNCH, "-n", str(n), "--"] if n else []) + [str(BIN / "gemma3"), *args]
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "NO_COLOR": "1", **(env or {})})
+
+
+def test_chat_on_two_ranks_prints_what_one_process_prints(model_270m_dir):
+    turns = "What is the capital of France?\nAnd of Italy?\n"
+    args = ["chat", "-m", str(model_270m_dir), "-n", "12"]
+    alone = gemma3(*args, stdin=turns)
+    split = gemma3(*args, "--parallel", "pipeline", n=2, stdin=turns)
+    assert alone.returncode == 0 and split.returncode == 0, split.stderr[-2000:]
+    assert split.stdout == alone.stdout and alone.stdout.count("\n") == 2  # two replies, once each
+
+
+def test_generate_on_two_ranks_reports_each_ranks_bytes(model_270m_dir):
+    args = ["generate", "--raw", "-m", str(model_270m_dir), "-n", "6", "--stats", "The capital of France is"]
+    alone = gemma3(*args)
+    split = gemma3(*args, "--parallel", "tensor", n=2)
+    assert split.returncode == 0, split.stderr[-2000:]
+    assert split.stdout == alone.stdout
+    ranks = re.findall(r"rank (\d): parameters ([\d.]+) MB, KV cache ([\d.]+) MB", split.stderr)
+    assert [r for r, _, _ in ranks] == ["0", "1"], split.stderr
+    single_kv = float(re.search(r"KV cache ([\d.]+) MB", alone.stderr).group(1))
+    for _, params, kv in ranks:  # float32 270M: 1,072 MB alone; the 262K embedding and the MLP split in two
+        assert float(params) < 0.55 * 1072 and abs(float(kv) - single_kv) < 0.1  # one KV head: replicated
+
+
+def test_a_rank_that_never_comes_fails_in_one_line(tmp_path):
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([["127.0.0.1:39611"], ["127.0.0.1:39612"]]))
+    t = time.time()
+    p = gemma3("generate", "-m", VLM, "--parallel", "tensor", "hi",
+               env={"MLX_RANK": "0", "MLX_HOSTFILE": str(hosts), "GEMMA3_MLX_CLUSTER_TIMEOUT": "3"}, timeout=60)
+    assert time.time() - t < 30 and p.returncode != 0
+    assert p.stdout == "" and p.stderr.strip().count("\n") == 0 and "did not come up within 3 s" in p.stderr
+
+
+def test_ranks_with_different_models_fail_in_one_line(tiny, tmp_path):
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([["127.0.0.1:39621"], ["127.0.0.1:39622"]]))
+    procs = [subprocess.Popen([str(BIN / "gemma3"), "generate", "-m", tiny[(4, 1, 256, r and 4 or None)],
+                               "--parallel", "tensor", "hi"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts)})
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    assert outs[1] == ("", "")  # rank 1 says nothing: rank 0 speaks for the cluster
+    assert outs[0][1].count("\n") == 1 and "the ranks do not agree on the model" in outs[0][1], outs[0][1]
