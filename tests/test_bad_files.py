@@ -24,7 +24,8 @@ import tiny_files
 from test_fuzz import _st_header, _st_with_header, gguf_fields, run_jobs, tokenizer_model, verdict
 
 T = tiny_files.T
-PROMPT = ["-n", "2", "--raw", "hello w300 w330"]  # ids past 320 in a 640-piece vocabulary
+# Ids 605 and 635 in the 640-piece vocabulary (past the 320-row embedding); bytes in the 320-piece one.
+PROMPT = ["-n", "2", "--raw", f"hello {chr(tiny_files.FILLER + 300)}{chr(tiny_files.FILLER + 330)}"]
 
 # name -> (the error must match this, at most this many CPU seconds)
 EXPECT: dict[str, tuple[str, float]] = {}
@@ -278,7 +279,7 @@ def test_real_executable(outcomes, tmp_path):
     procs[names[3]] = subprocess.Popen([sys.executable, "-c", job["code"]], stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True)
     for name, p in procs.items():
-        out, err = p.communicate(timeout=120)
+        _, err = p.communicate(timeout=120)
         if name == names[3]:  # an API call: a Gemma3Error's traceback, not a signal
             assert p.returncode == 1 and "TokenIdError" in err, (name, p.returncode, err[-500:])
             continue

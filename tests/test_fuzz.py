@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import struct
 import subprocess
 import sys
@@ -23,7 +22,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
 
 import tiny_files
 

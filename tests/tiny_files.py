@@ -18,8 +18,9 @@ from gguf.quants import quantize
 T = gguf.GGMLQuantizationType
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = 64, 2, 1, 32, 2, 320
 GGUF_FFN, DIR_FFN = 256, 128  # K-quant blocks need rows of 256 values
+FILLER = 0x4E00  # the vocabulary is filled up with CJK characters from here
 
-# Pieces: Gemma's special ids, 256 byte-fallback pieces, then letters and a few words.
+# Pieces: Gemma's special ids, 256 byte-fallback pieces, letters, a few words, then CJK characters.
 _WORDS = ["\u2581the", "\u2581a", "\u2581cat", "\u2581sat", "\u2581on", "\u2581mat", "\u2581hello", "\u2581world",
           "ing", "ed", "er", "\u2581is", "\u2581of", "\u2581and", "\u2581to", "\u2581in"]
 
@@ -31,7 +32,7 @@ def vocabulary(n: int = VOCAB) -> tuple[list[str], list[float], list[int]]:
     pieces += [f"<0x{b:02X}>" for b in range(256)]
     types += [6] * 256
     normal = ["\u2581"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + _WORDS
-    normal += [f"\u2581w{i}" for i in range(n - len(pieces) - len(normal))]
+    normal += [chr(FILLER + i) for i in range(n - len(pieces) - len(normal))]  # single characters: any id is reachable
     pieces += normal
     types += [1] * len(normal)
     scores = [0.0] * len(special) + [0.0] * 256 + [-float(i) for i in range(len(normal))]
