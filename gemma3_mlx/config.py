@@ -212,11 +212,7 @@ class VisionConfig:
     def from_dict(cls, d: dict[str, Any]) -> "VisionConfig":
         if not isinstance(d, dict):
             raise ConfigError(f"vision_config must be an object, got {d!r}"[:200])
-        c = cls(**_checked_fields(d, {f.name: f for f in dataclasses.fields(cls)}, "vision_config."))
-        if c.image_size % c.patch_size or c.hidden_size % c.num_attention_heads:
-            raise ConfigError(f"vision_config: image_size {c.image_size} must be a multiple of patch_size {c.patch_size}, "
-                              f"hidden_size {c.hidden_size} of num_attention_heads {c.num_attention_heads}")
-        return c
+        return cls(**_checked_fields(d, {f.name: f for f in dataclasses.fields(cls)}, "vision_config."))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

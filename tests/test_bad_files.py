@@ -3,8 +3,8 @@
 Each case is a `gemma3` command line (or a Python API call) on a damaged copy of the tiny GGUF or
 the tiny safetensors directory (tiny_files.py). All of them run in one fuzz_driver process (see
 test_fuzz.py), each must end with one `error:` line (an API call: a Gemma3Error) whose text names
-the problem, within its time limit. Cases that crashed the process before (exit 139) are also run
-through the real `gemma3` executable.
+the problem, within its CPU-time limit. Three cases also run through the real `gemma3` executable
+and a fresh Python.
 """
 
 from __future__ import annotations
@@ -266,21 +266,22 @@ def test_every_case_is_tested(outcomes):
 
 
 def test_real_executable(outcomes, tmp_path):
-    """The cases that used to kill the process (exit 139) or read forever, through the installed `gemma3`."""
+    """A few cases through the installed `gemma3` and a fresh Python, as a user meets them: a tokenizer
+    larger than the embedding, a hostile header, and the API call that used to exit 139 (SIGSEGV)."""
     exe = Path(sys.executable).parent / "gemma3"
-    names = ["tokenizer_larger_than_embedding", "gguf_array_claims_2_40", "image_fifo", "api_generate_id_past_vocab"]
+    names = ["tokenizer_larger_than_embedding", "gguf_array_claims_2_40", "api_generate_id_past_vocab"]
     procs = {}
-    for name in names[:3]:
+    for name in names[:2]:
         job = CASES[name]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", **job.get("env", {})}
         procs[name] = subprocess.Popen([str(exe), *job["args"]], env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True)
-    job = CASES[names[3]]
-    procs[names[3]] = subprocess.Popen([sys.executable, "-c", job["code"]], stdout=subprocess.PIPE,
+    job = CASES[names[2]]
+    procs[names[2]] = subprocess.Popen([sys.executable, "-c", job["code"]], stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True)
     for name, p in procs.items():
         _, err = p.communicate(timeout=120)
-        if name == names[3]:  # an API call: a Gemma3Error's traceback, not a signal
+        if name == names[2]:  # an API call: a Gemma3Error's traceback, not a signal
             assert p.returncode == 1 and "TokenIdError" in err, (name, p.returncode, err[-500:])
             continue
         errors = [line for line in err.splitlines() if line.startswith("error:")]

@@ -26,7 +26,7 @@ from pathlib import Path
 import tiny_files
 
 HERE = Path(__file__).parent
-N_GGUF, N_DIR = 180, 150
+N_GGUF, N_DIR = 170, 140
 LIMIT_S, RSS_LIMIT_MB = 10, 500
 PROMPT = ["-n", "3", "--raw", "hello the cat"]
 
