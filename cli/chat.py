@@ -16,7 +16,7 @@ import typer
 from ..errors import Gemma3Error
 from ..image import load_image
 from ..models import cache_dir
-from .ui import UI, _warn, error, note, speculation
+from .ui import UI, _warn, error, error_text, note, speculation
 
 
 CHAT_HELP = '''commands: /image PATH  /system TEXT  /retry  /undo  /reset  /save FILE  /load FILE  /stats  /show
@@ -206,13 +206,16 @@ def _keep_history(readline) -> None:
 
 @contextmanager
 def user_errors_kept():
-    """In the chat loop: report a user error in one line and carry on."""
+    """In the chat loop: report a user error in one line and carry on; Ctrl-C during a command
+    (/load, /image, /save) cancels that command only (each changes nothing until it has succeeded)."""
     try:
         yield
     except typer.Exit:
         raise
-    except (ValueError, OSError, Gemma3Error) as e:
-        error(" ".join(str(e).split()))
+    except (ValueError, OSError, RecursionError, MemoryError, Gemma3Error) as e:
+        error(error_text(e))
+    except KeyboardInterrupt:
+        typer.secho("[cancelled]", err=True, dim=True, color=UI.color)
 
 
 def stream_reply(session, replies) -> None:

@@ -5,16 +5,27 @@ session's `PromptCache`, so only the new tokens run; `retry` regenerates the las
 cache snapshot (nothing re-processed), `undo` drops the last exchange, `cancel` (from any thread)
 stops the reply being streamed. One sampler serves the whole session: a seed seeds it once, so a
 retried reply is a new draw and a seeded session is reproducible as a whole. Conversations save
-to JSON (images by path). No terminal I/O here.
+to JSON (images by path), atomically. No terminal I/O here.
+
+Threads: a session may be used from any thread, and from several: replies take turns. A `send()`
+or `retry()` from a second thread waits until the reply being streamed has been read to the end
+(or closed, or cancelled); the same thread asking for a new reply while its own is still open gets
+a RuntimeError instead of waiting forever. `cancel()` never waits. Text typed in messages stays
+text: "<end_of_turn>" in a message cannot forge a turn unless the session is made with
+`control_tokens=True`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ._atomic import replace_file
 from .generate import GenerationResponse, stream_generate
 from .prompt import MARKER, prompt_ids
 from .prompt_cache import PromptCache
@@ -25,12 +36,14 @@ from .sample import make_sampler, validate
 SETTINGS = {"temp": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0, "max_tokens": 256,
             "seed": None}
 _SAMPLER_KEYS = ("temp", "top_k", "top_p", "min_p", "repetition_penalty")
+MAX_SAVED_BYTES = 32 << 20  # a saved conversation: a 128K-token context is about 0.5 MB of text
 
 
 class ChatSession:
     def __init__(self, model, tokenizer, system: str | None = None, pan_and_scan: bool = False, *,
-                 draft_model=None, prompt_lookup: bool = False, **sampling):
+                 draft_model=None, prompt_lookup: bool = False, control_tokens: bool = False, **sampling):
         self.model, self.tokenizer = model, tokenizer
+        self.control_tokens = control_tokens  # read "<start_of_turn>" etc. typed in messages as tokens
         # Speculative decoding: a draft model keeps its own prompt cache through the conversation.
         self.draft = DraftModel(draft_model) if draft_model is not None else PromptLookup() if prompt_lookup else None
         self.system = system
@@ -42,6 +55,21 @@ class ChatSession:
         self.last: GenerationResponse | None = None  # statistics of the last reply still in the conversation
         self._cancel = threading.Event()
         self._sampler, self._sampler_made_from = None, None
+        self._turn = threading.Lock()  # held while a reply is being streamed
+        self._streaming_in: int | None = None  # the thread that streams it
+
+    @contextmanager
+    def _exclusive(self):
+        """Hold the session: wait for another thread's reply to finish; refuse this thread's own."""
+        if self._streaming_in == threading.get_ident():
+            raise RuntimeError("this ChatSession is still streaming a reply in this thread: read it to the end "
+                               "or close() it before asking for another, or changing the conversation")
+        with self._turn:
+            self._streaming_in = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._streaming_in = None
 
     @property
     def settings(self) -> dict:
@@ -83,27 +111,41 @@ class ChatSession:
         if not self.messages:
             return 0
         msgs, images = self._render()
-        return len(prompt_ids(self.tokenizer, self.model.config, msgs, images or None, self.pan_and_scan)[0])
+        return len(prompt_ids(self.tokenizer, self.model.config, msgs, images or None, self.pan_and_scan,
+                              self.control_tokens)[0])
 
     def send(self, text: str, images=()) -> Iterator[GenerationResponse]:
-        """Add a user message (and images) and stream the reply. If the reply fails before its first
-        token (an unreadable image, a prompt longer than the context, Ctrl-C while the prompt is
-        processed), the message is taken back, so the conversation stays usable."""
-        before = list(self.messages)
-        self.messages.append({"role": "user", "content": text, "images": [str(i) for i in images]})
-        return self._reply(before)
+        """Add a user message (and images) and stream the reply; the message joins the conversation
+        when the reply starts (the first `next()`), after any reply another thread is streaming.
+        If the reply fails before its first token (an unreadable image, a prompt longer than the
+        context, Ctrl-C while the prompt is processed), the message is taken back, so the
+        conversation stays usable."""
+        message = {"role": "user", "content": str(text), "images": [str(i) for i in images]}
+
+        def add():
+            self.messages.append(message)
+
+        return self._reply(add)
 
     def retry(self) -> Iterator[GenerationResponse]:
         """Regenerate the last reply."""
-        before = list(self.messages)
-        if self.messages and self.messages[-1]["role"] == "assistant":
-            self.messages.pop()
         if not self.messages:
             raise ValueError("nothing to retry: the conversation is empty")
-        return self._reply(before)
+
+        def drop_reply():
+            if self.messages and self.messages[-1]["role"] == "assistant":
+                self.messages.pop()
+            if not self.messages:
+                raise ValueError("nothing to retry: the conversation is empty")
+
+        return self._reply(drop_reply)
 
     def undo(self) -> int | None:
         """Forget the last user message and its reply; the number of tokens they took (None: nothing to undo)."""
+        with self._exclusive():
+            return self._undo()
+
+    def _undo(self) -> int | None:
         if not self.messages:
             return None
         before = self.count_tokens()
@@ -115,8 +157,9 @@ class ChatSession:
         return before - self.count_tokens()
 
     def reset(self) -> None:
-        self.messages.clear()
-        self.last = None
+        with self._exclusive():
+            self.messages.clear()
+            self.last = None
 
     def cancel(self) -> None:
         """Stop the reply being streamed (safe from another thread); the session stays usable."""
@@ -136,40 +179,79 @@ class ChatSession:
             msgs.append(msg)
         return msgs, images
 
-    def _reply(self, before: list[dict]) -> Iterator[GenerationResponse]:
-        self._cancel.clear()
-        msgs, images = self._render()
-        pieces, ids = [], []  # every response adds a piece: no pieces, nothing was said
-        try:
-            for r in stream_generate(self.model, self.tokenizer, msgs, cache=self.cache, images=images or None,
-                                     pan_and_scan=self.pan_and_scan, max_tokens=self.settings["max_tokens"],
-                                     sampler=self.sampler, draft=self.draft):
-                pieces.append(r.text)
-                if r.token is not None:
-                    ids.append(r.token)
-                self.last = r
-                yield r
-                if self._cancel.is_set():
-                    break
-        except BaseException:
-            if not pieces:  # nothing was said: the conversation is as it was
-                self.messages[:] = before
-            raise
-        finally:  # a cancelled or interrupted reply keeps what was said so far
-            if pieces:  # its ids go back into the next prompt as generated, so the cache matches it
-                self.messages.append({"role": "assistant", "content": "".join(pieces).strip(), "images": [],
-                                      "ids": ids})
+    def _reply(self, change) -> Iterator[GenerationResponse]:
+        """Stream a reply to the conversation as `change()` leaves it, holding the session meanwhile."""
+        with self._exclusive():
+            self._cancel.clear()
+            before = list(self.messages)
+            pieces, ids = [], []  # every response adds a piece: no pieces, nothing was said
+            try:
+                change()
+                msgs, images = self._render()
+                for r in stream_generate(self.model, self.tokenizer, msgs, cache=self.cache, images=images or None,
+                                         pan_and_scan=self.pan_and_scan, max_tokens=self.settings["max_tokens"],
+                                         sampler=self.sampler, draft=self.draft, control_tokens=self.control_tokens):
+                    pieces.append(r.text)
+                    if r.token is not None:
+                        ids.append(r.token)
+                    self.last = r
+                    yield r
+                    if self._cancel.is_set():
+                        break
+            except BaseException:
+                if not pieces:  # nothing was said: the conversation is as it was
+                    self.messages[:] = before
+                raise
+            finally:  # a cancelled or interrupted reply keeps what was said so far
+                if pieces:  # its ids go back into the next prompt as generated, so the cache matches it
+                    self.messages.append({"role": "assistant", "content": "".join(pieces).strip(), "images": [],
+                                          "ids": ids})
 
     def save(self, path: str | Path) -> None:
-        """The conversation as JSON: roles, texts and image paths (token ids are not saved)."""
+        """The conversation as JSON: roles, texts and image paths (token ids are not saved). Written
+        to a temporary file and renamed: a full disk or a Ctrl-C leaves an earlier save whole."""
         messages = [{k: v for k, v in m.items() if k != "ids"} for m in self.messages]
-        Path(path).write_text(json.dumps({"system": self.system, "messages": messages}, indent=2) + "\n")
+        replace_file(Path(path).expanduser(), json.dumps({"system": self.system, "messages": messages}, indent=2) + "\n")
 
     def load(self, path: str | Path) -> None:
-        try:
-            d = json.loads(Path(path).read_text())
-            messages = [{"role": m["role"], "content": str(m["content"]), "images": list(m.get("images", []))}
-                        for m in d["messages"]]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a saved conversation ({e})") from None
-        self.system, self.messages, self.last = d.get("system"), messages, None
+        """Replace the conversation with a saved one. Anything else (not JSON, nested too deep, too
+        large, a FIFO or a device, the wrong shape) raises ValueError and changes nothing."""
+        d = _read_saved(Path(path).expanduser())
+        with self._exclusive():
+            self.system, self.messages, self.last = d["system"], d["messages"], None
+
+
+def _read_saved(path: Path) -> dict:
+    """A saved conversation, checked: {"system": str | None, "messages": [{"role", "content", "images"}]}."""
+    def bad(why):
+        return ValueError(f"{path}: not a saved conversation ({why})")
+
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise bad("not a regular file")
+        if st.st_size > MAX_SAVED_BYTES:
+            raise bad(f"{st.st_size:,} bytes; a saved conversation is at most {MAX_SAVED_BYTES >> 20} MB")
+        with open(path, "rb") as f:
+            d = json.loads(f.read(MAX_SAVED_BYTES + 1))
+    except OSError as e:
+        raise bad(e.strerror or e) from None
+    except RecursionError:
+        raise bad("nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"not JSON: {e}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("messages"), list):
+        raise bad('no "messages" list')
+    system = d.get("system")
+    if system is not None and not isinstance(system, str):
+        raise bad('"system" is not text')
+    messages = []
+    for i, m in enumerate(d["messages"]):
+        want = "user" if i % 2 == 0 else "assistant"
+        if not isinstance(m, dict) or m.get("role") != want or not isinstance(m.get("content"), str):
+            raise bad(f"message {i} is not a {want} message with text content")
+        images = m.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise bad(f"message {i}: images must be a list of paths")
+        messages.append({"role": want, "content": m["content"], "images": images})
+    return {"system": system, "messages": messages}

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import mlx.core as mx
 
+from ._streams import any_thread
 from .engine import STOP_IDS, Engine, Event, Stats
 from .prompt import prompt_ids
 from .prompt_cache import PromptCache
@@ -54,9 +55,12 @@ def _run(engine: Engine) -> Iterator[Event]:
     """Step an engine until it has nothing left; on any exit every sequence's cache stays consistent."""
     try:
         while engine.has_work:
-            yield from engine.step()
+            with any_thread():  # each step may run on another thread than the last (see _streams.py)
+                events = engine.step()
+            yield from events
     finally:
-        engine.close()
+        with any_thread():
+            engine.close()
 
 
 def generate_tokens(
@@ -131,6 +135,7 @@ def stream_generate(
     prompt_lookup: bool = False,
     draft=None,
     draft_tokens: int = 4,
+    control_tokens: bool = False,
 ) -> Iterator[GenerationResponse]:
     """Stream text for `prompt`: raw text (BOS added), a list of token ids, or chat messages
     (`[{"role": "user", "content": "..."}]`, rendered with Gemma's chat format).
@@ -143,11 +148,14 @@ def stream_generate(
     Speculative decoding (same output, greedy token for token, sampled in distribution): `draft_model`
     (a smaller Gemma 3 sharing the tokenizer), `prompt_lookup=True` (guesses copied from the context),
     or `draft` (a `speculate.DraftModel` / `PromptLookup` kept across calls, e.g. with the draft's own
-    prompt cache); `draft_tokens` guesses per round to start with (adapted as it goes)."""
+    prompt cache); `draft_tokens` guesses per round to start with (adapted as it goes).
+    `control_tokens`: read "<start_of_turn>" and other special-token strings typed in chat messages
+    as tokens (off by default: they stay text, so a message cannot forge a turn; raw text prompts
+    always read them). Any thread may call this, and continue a stream another thread began."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
     sampler = _sampler(sampler, temp, top_k, top_p, min_p, repetition_penalty, seed)
-    ids, blocks = prompt_ids(tokenizer, model.config, prompt, images, pan_and_scan)
+    ids, blocks = prompt_ids(tokenizer, model.config, prompt, images, pan_and_scan, control_tokens)
     mx.reset_peak_memory()
     pc = PromptCache(model) if cache is None else cache
     engine = Engine(model, max_batch=1, prefill_chunk=prefill_chunk)
@@ -184,6 +192,7 @@ def stream_batch(
     pan_and_scan: bool = False,
     max_batch: int = 8,
     prefill_chunk: int = 512,
+    control_tokens: bool = False,
 ) -> Iterator[tuple[int, GenerationResponse]]:
     """Generate for several prompts at once: yields (prompt index, piece) as pieces become known,
     each stream ending with its closing piece. At most `max_batch` decode together; the rest wait
@@ -195,7 +204,7 @@ def stream_batch(
     engine = Engine(model, max_batch=max_batch, prefill_chunk=prefill_chunk)
     streams = {}
     for i, (prompt, imgs) in enumerate(zip(prompts, images)):
-        ids, blocks = prompt_ids(tokenizer, model.config, prompt, imgs, pan_and_scan)
+        ids, blocks = prompt_ids(tokenizer, model.config, prompt, imgs, pan_and_scan, control_tokens)
         cache = PromptCache(model)
         uid = engine.submit(ids, max_tokens=max_tokens, stop_ids=stop_ids, images=blocks, cache=cache,
                             sampler=make_sampler(temp, top_k, top_p, min_p, repetition_penalty, seed=seed))
