@@ -4,12 +4,15 @@
     python tests/benchmarks/memory.py --source /tmp/g270-f32       # the 270M and the 4B-shaped checkpoints
     python tests/benchmarks/memory.py --parts 270m --source /tmp/g270-f32
     python tests/benchmarks/memory.py --parts synthetic --layers 2  # 2 and 4 layers of the 4B shape
+    python tests/benchmarks/memory.py --rtn ...                     # ours rounds to nearest like mlx-lm: faster
 
 --source DIR keeps the float32 270M (converted from the packaged GGUF, about 35 s) in DIR and reuses it.
 
 Every figure is the peak RSS of a fresh process doing one thing (VmHWM on Linux, ru_maxrss on macOS),
 so it counts everything: Python, MLX, the tool's imports, mapped file pages, allocator caches. It is
-also shown as a share of the weights' bytes on disk. Cases:
+also shown as a share of the weights' bytes on disk (/disk) and, for loads, of the loaded model's
+parameter bytes (/loaded: on the CPU backend ours computes in float32, so a bfloat16 checkpoint
+loads at twice its size on disk, and quantized matrices are expanded; mlx-lm keeps both). Cases:
   load          ours `gemma3_mlx.load(DIR)`, mlx-lm `mlx_lm.load(DIR)` (model and tokenizer);
   load model    ours `gemma3_mlx.load_model(DIR)`, mlx-lm `mlx_lm.utils.load_model(DIR)` (weights only);
   convert       ours `gemma3 convert DIR -o OUT --bits 4 --no-check`, mlx-lm
@@ -65,18 +68,19 @@ def child(case: str, path: str, out: str | None, extra: list[str]) -> dict:
         import mlx_lm.utils  # noqa: F401
     elif case == "load-ours":
         import gemma3_mlx
-        gemma3_mlx.load(path)
+        seen["loaded"] = _nbytes(gemma3_mlx.load(path)[0])
     elif case == "load-model-ours":
         import gemma3_mlx
-        gemma3_mlx.load_model(path)
+        seen["loaded"] = _nbytes(gemma3_mlx.load_model(path))
     elif case == "load-mlx-lm":
         import mlx_lm
-        mlx_lm.load(path)
+        seen["loaded"] = _nbytes(mlx_lm.load(path)[0])
     elif case == "load-model-mlx-lm":
         import mlx.core as mx
         from mlx_lm.utils import load_model
         model, _ = load_model(Path(path))
         mx.eval(model.parameters())
+        seen["loaded"] = _nbytes(model)
     elif case == "convert-ours":
         import gemma3_mlx.convert.pipeline as pipeline
         from gemma3_mlx.cli.main import app
@@ -99,6 +103,13 @@ def child(case: str, path: str, out: str | None, extra: list[str]) -> dict:
     else:
         raise SystemExit(f"unknown case {case}")
     return {"peak": peak_rss(), "seconds": time.perf_counter() - t0, **seen}
+
+
+def _nbytes(model) -> int:
+    """Bytes of a loaded model's parameters: what "the loaded model's bytes" means below."""
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 def measure(case: str, path: Path, out: Path | None = None, extra: list[str] = (), timeout: float = 1800) -> dict:
@@ -166,14 +177,15 @@ def synthetic_checkpoint(directory: Path, layers: int, shape: dict = SHAPE_4B, d
 
 # ----------------------------------------------------------------------------------------- report
 
-def run_cases(label: str, src: Path, tmp: Path, peers: bool, check: bool = True) -> list[tuple]:
+def run_cases(label: str, src: Path, tmp: Path, peers: bool, check: bool = True, rtn: bool = False) -> list[tuple]:
     w = weight_bytes(src)
     rows = []
 
-    def row(tool, case, r, bytes_=w):
-        rows.append((label, tool, case, r["peak"], 100 * r["peak"] / bytes_, r["seconds"]))
-        print(f"{label:22s} {tool:7s} {case:14s} {r['peak'] / 1e6:8.0f} MB {100 * r['peak'] / bytes_:6.0f}% "
-              f"{r['seconds']:7.1f} s", flush=True)
+    def row(tool, case, r):
+        loaded = f"{100 * r['peak'] / r['loaded']:6.0f}%" if "loaded" in r else ""
+        rows.append((label, tool, case, r["peak"], 100 * r["peak"] / w, r["seconds"]))
+        print(f"{label:22s} {tool:7s} {case:14s} {r['peak'] / 1e6:8.0f} MB {100 * r['peak'] / w:6.0f}% "
+              f"{loaded:>7s} {r['seconds']:7.1f} s", flush=True)
 
     for case in ("load", "load-model"):
         row("ours", case, measure(f"{case}-ours", src))
@@ -183,7 +195,7 @@ def run_cases(label: str, src: Path, tmp: Path, peers: bool, check: bool = True)
         out = tmp / f"{label}-{'ours' if ours else 'mlx-lm'}"
         shutil.rmtree(out, ignore_errors=True)
         if ours:
-            r = measure("convert-ours", src, out, [] if check else ["--no-check"])
+            r = measure("convert-ours", src, out, ([] if check else ["--no-check"]) + (["--rtn"] if rtn else []))
             if check:
                 row("ours", "convert", {"peak": r["before_check"], "seconds": r["check_start"]})
                 row("ours", "convert+check", r)
@@ -202,6 +214,7 @@ def main():
     ap.add_argument("--source", help="the float32 270M directory (made and kept here if missing)")
     ap.add_argument("--layers", type=int, default=2, help="synthetic: N and 2N layers (default 2)")
     ap.add_argument("--no-peer", action="store_true", help="skip mlx-lm")
+    ap.add_argument("--rtn", action="store_true", help="ours rounds to nearest, as mlx-lm does (faster; the same memory)")
     args, rest = ap.parse_known_args()
     if args.child:
         case, path, out = (args.child + ["", ""])[:3]
@@ -210,10 +223,10 @@ def main():
     peers = not args.no_peer
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as t:
         tmp = Path(t)
-        print(f"{'checkpoint':22s} {'tool':7s} {'case':14s} {'peak RSS':>11s} {'of weights':>7s} {'time':>9s}")
+        print(f"{'checkpoint':22s} {'tool':7s} {'case':14s} {'peak RSS':>11s} {'/disk':>7s} {'/loaded':>7s} {'time':>9s}")
         for tool in ("ours", "mlx-lm") if peers else ("ours",):
             r = measure(f"import-{tool}", Path("."))
-            print(f"{'(none)':22s} {tool:7s} {'import':14s} {r['peak'] / 1e6:8.0f} MB {'':7s} {r['seconds']:7.1f} s")
+            print(f"{'(none)':22s} {tool:7s} {'import':14s} {r['peak'] / 1e6:8.0f} MB {'':15s} {r['seconds']:7.1f} s")
         parts = args.parts.split(",")
         src = None
         if "270m" in parts or peers:
@@ -222,12 +235,12 @@ def main():
 
             src = source_270m(args.source, tmp)
         if "270m" in parts:
-            run_cases("270M float32", src, tmp, peers)
+            run_cases("270M float32", src, tmp, peers, rtn=args.rtn)
         if "synthetic" in parts:
             tok = src / "tokenizer.model" if src is not None else None  # mlx-lm's convert needs a tokenizer
             for n in (args.layers, 2 * args.layers):
                 d = synthetic_checkpoint(tmp / f"syn{n}", n, tokenizer=tok)
-                run_cases(f"4B-shaped x{n} layers", d, tmp, peers)
+                run_cases(f"4B-shaped x{n} layers", d, tmp, peers, rtn=args.rtn)
                 shutil.rmtree(d)
 
 
