@@ -1,7 +1,8 @@
 """`convert(source, out)`: a Hugging Face directory, hub id or GGUF file -> an MLX model directory.
 
-Tensor by tensor into an atomic output directory (writer.py), so peak memory stays near the
-largest tensor plus one output shard. What each tensor becomes:
+Tensor by tensor into an atomic output directory (writer.py streams each to disk), so peak
+memory stays near the largest tensor's working set, whatever the model's size (the quality check
+too: quality.py walks the layers). What each tensor becomes:
 - GGUF, no --bits/--recipe: blocks MLX can express exactly keep their own bits; Q6_K/Q3_K/Q2_K
   are requantized at the nearest MLX bits that lose least; float tensors keep their type.
 - `bits`: every matrix (the tied embedding included) at `bits`, like mlx-lm's default.
