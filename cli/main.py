@@ -342,7 +342,8 @@ def bench(
             fail(f"--context + --prompt-tokens + --gen-tokens is {context + prompt_tokens + gen_tokens}, "
                  f"more than the model's context of {limit}")
         draft = open_model(resolve_model(draft_model))[0] if draft_model else None
-        base = tokenizer.encode(TEXT, add_bos=False) if tokenizer else list(range(10, 400))
+        vocab = model_obj.config.text.vocab_size  # ids past the embedding are refused
+        base = tokenizer.encode(TEXT, add_bos=False) if tokenizer else list(range(10, min(400, vocab)))
         n_ids = context + prompt_tokens
         ids = [2] + (base * (n_ids // len(base) + 1))[: n_ids - 1]
         rows = []
