@@ -135,12 +135,13 @@ class Worker(threading.Thread):
             job.cache = self.pool.take(ids)
             job.uid = self.engine.submit(ids, max_tokens=max_tokens, sampler=sampler, stop_ids=STOP_IDS,
                                          images=blocks, cache=job.cache, logprobs=job.logprobs)
-        except (ValueError, Gemma3Error) as e:  # the request's fault: a bad image, a prompt too long
+        except Exception as e:  # ValueError, Gemma3Error: the request's fault (a bad image, a prompt too long)
             if job.cache is not None:
                 self.pool.give(job.cache)
             self._end(job)
             self.counters["errors"] += 1
-            job.send(("error", 400, " ".join(str(e).split())))
+            ours = isinstance(e, (ValueError, Gemma3Error))
+            job.send(("error", 400 if ours else 500, " ".join(str(e).split()) if ours else f"{type(e).__name__}: {e}"))
             return
         job.detok = StreamingDetokenizer(self.tokenizer)
         self.jobs[job.uid] = job
