@@ -20,7 +20,7 @@ import mlx.core as mx
 from .cache import kv_bytes
 from .config import ModelConfig
 from .errors import Gemma3Error, ModelFileError
-from .loader import DTYPES, VISION, default_dtype, load_config
+from .loader import DTYPES, default_dtype, load_config
 from .safetensors_io import SafetensorsFile, checkpoint_files
 from .vision import vision_name
 from .weights import sanitize_name
@@ -82,7 +82,7 @@ def _from_headers(files: list[Path], config: ModelConfig, size: int, expand: boo
     for k, (shape, kind) in shapes.items():
         n = _count(shape)
         floating = kind in ("F32", "F16", "BF16", "F64")
-        to = 4 if k.startswith(VISION) else size
+        to = 4 if config.vision is not None and vision_name(k) is not None else size  # the tower runs in float32
         module = k.rsplit(".", 1)[0]
         quantized = f"{module}.scales" in shapes
         if expand and quantized:

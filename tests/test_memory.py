@@ -149,6 +149,13 @@ def test_needs_counts_the_loaded_bytes(opts, dequantize, tmp_path):
         assert needs(tmp_path / "m", dtype=dtype, dequantize=dequantize).weights == loaded, (opts, dtype)
 
 
+def test_needs_counts_a_vision_model():
+    """The tower and projector stay float32 whatever the text's compute dtype."""
+    for dtype in (mx.float32, mx.bfloat16):
+        model = gemma3_mlx.load_model(FIXTURES / "tiny_vlm", dtype)
+        assert needs(FIXTURES / "tiny_vlm", dtype=dtype).weights == sum(v.nbytes for _, v in _leaves(model.parameters()))
+
+
 def _leaves(tree):
     from mlx.utils import tree_flatten
 
