@@ -287,6 +287,9 @@ def fuzz(work: Path) -> tuple[list[str], list[dict], list[str]]:
     for j, r, v in zip(jobs, results, verdicts):
         spent[j["args"][0], v if v in ("ok", "error") else "bad"] += r.get("seconds") or 0
     print("seconds by command and outcome:", {k: round(v, 1) for k, v in sorted(spent.items())})
+    done = [r for r in results if not r.get("died")]
+    print(f"slowest run {max(r['seconds'] for r in done)} s, peak RSS {max(r['rss_mb'] for r in done)} MB, "
+          f"driver processes: {1 + sum(1 for r in results if r.get('died'))}")
     return names, jobs, verdicts
 
 
