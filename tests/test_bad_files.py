@@ -287,3 +287,33 @@ def test_real_executable(outcomes, tmp_path):
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert p.returncode == 1 and len(errors) == 1 and "Traceback" not in err, (name, p.returncode, err[-500:])
         assert re.search(EXPECT[name][0], errors[0]), errors[0]
+
+
+def test_hostile_header_fails_in_milliseconds(tmp_path):
+    """The reader itself, without the CLI around it: a count of 2^40 is refused before any entry is read."""
+    import time
+
+    from gemma3_mlx.convert.gguf_file import GGUFFile
+    from gemma3_mlx.errors import ModelFileError
+
+    good = tiny_files.write_gguf(tmp_path / "good.gguf").read_bytes()
+    for label in ("tokenizer.ggml.tokens count", "kv_count", "tensor_count", "general.name length"):
+        path = tmp_path / "bad.gguf"
+        path.write_bytes(_patch_gguf(good, label, 2**40))
+        t0 = time.process_time()
+        with pytest.raises(ModelFileError, match="1,099,511,627,776"):
+            GGUFFile(path)
+        assert time.process_time() - t0 < 0.05, label
+
+
+def test_opening_the_270m_gguf_reads_only_its_header(gguf_270m):
+    """Config and tensor table of the real file in well under a second (the gguf package's reader
+    decoded all 262,144 vocabulary strings first: ~20 s), so `convert` can refuse at once."""
+    import time
+
+    from gemma3_mlx.convert.gguf import GGUFSource
+
+    t0 = time.process_time()
+    src = GGUFSource(gguf_270m)
+    assert time.process_time() - t0 < 1.0
+    assert src.config().text.num_hidden_layers == 18 and src.tensor_count() == 236
