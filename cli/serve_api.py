@@ -90,6 +90,8 @@ def common(body: dict, model_names: tuple[str, ...]) -> dict:
         "repetition_penalty": float(_get(body, "repetition_penalty", NUM, 1.0, lambda v: v > 0, "> 0")),
         "seed": _get(body, "seed", (int,), None),
     }
+    if sampling["seed"] is not None:
+        sampling["seed"] %= 1 << 64  # any integer is a seed (MLX's keys take unsigned 64-bit ones)
     return {"model": model, "stream": stream, "include_usage": bool(stream and options.get("include_usage")),
             "max_tokens": max_tokens, "sampling": sampling, "stops": stops}
 

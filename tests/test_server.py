@@ -242,6 +242,7 @@ def test_seed_reproducible(tiny):
     a, b, c = (tiny.chat("Pick words.", max_tokens=10, temperature=1.0, seed=s).choices[0].message.content
                for s in (7, 7, 8))
     assert a == b and a != c
+    assert tiny.chat("Pick words.", max_tokens=1, temperature=1.0, seed=-1).choices[0].finish_reason == "length"
 
 
 def test_logprobs_equal_the_models_log_softmax(tiny):
