@@ -8,8 +8,6 @@ Every array is checked (types, one entry per token, special ids inside the vocab
 it is used. Deliberately not handled: non-SentencePiece GGUF tokenizers (GPT-2 byte-level BPE and friends).
 """
 
-import struct
-
 import numpy as np
 
 from .gguf_file import STRING, Array, GGUFFile
@@ -22,7 +20,12 @@ BPE = 2  # TrainerSpec.ModelType
 DEFAULT_IDS = {"unk": 3, "bos": 2, "eos": 1, "pad": 0}
 
 
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
+
+
 def _varint(n: int) -> bytes:
+    if 0 <= n < 0x80:
+        return _ONE_BYTE[n]
     n &= (1 << 64) - 1  # negative int32s are written as 10-byte two's complement
     out = bytearray()
     while n >= 0x80:
@@ -42,8 +45,6 @@ def _bytes(field: int, value: bytes | str) -> bytes:  # wire type 2: string, byt
     return _varint(field << 3 | 2) + _varint(len(value)) + value
 
 
-def _float(field: int, value: float) -> bytes:  # wire type 5: fixed32
-    return _varint(field << 3 | 5) + struct.pack("<f", value)
 
 
 MAX_TOKENS = 1 << 22
@@ -90,15 +91,18 @@ def sentencepiece_model_from_gguf(f: GGUFFile) -> bytes:
         for name, key in [("unk", "unknown"), ("bos", "bos"), ("eos", "eos"), ("pad", "padding")]
     }
 
-    pieces = bytearray()
-    for i, (piece, score, kind) in enumerate(zip(tokens, scores.tolist(), types.tolist())):
+    # Each piece is a SentencePiece message {1: piece, 2: score (fixed32, wire type 5), 3: type}, written
+    # out inline (tags 0x0a, 0x15, 0x18): this loop runs once per token, 262,144 times for Gemma.
+    packed, space, pieces = scores.astype("<f4").tobytes(), "\u2581".encode("utf-8"), bytearray()
+    for i, (piece, kind) in enumerate(zip(tokens, types.tolist())):
         if kind == USER_DEFINED:
             # llama.cpp's converter writes the whitespace pieces ("  ") with real spaces; SentencePiece
             # matches user-defined pieces after escaping spaces, so they must be spelled with U+2581.
-            piece = piece.replace(b" ", "\u2581".encode("utf-8"))
+            piece = piece.replace(b" ", space)
         if i == ids["unk"]:
             kind = UNKNOWN  # Gemma GGUFs type <unk> as control; SentencePiece needs exactly one UNKNOWN
-        pieces += _bytes(1, _bytes(1, piece) + _float(2, score) + _int(3, kind))
+        body = b"\x0a" + _varint(len(piece)) + piece + b"\x15" + packed[4 * i:4 * i + 4] + b"\x18" + _varint(kind)
+        pieces += b"\x0a" + _varint(len(body)) + body
 
     trainer = b"".join([
         _int(3, BPE),
