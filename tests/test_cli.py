@@ -294,17 +294,16 @@ def test_models_shows_the_cache_and_rm_deletes_from_it(tiny_dirs, tmp_path):
     assert "no converted models in " in run(["models"], home=home).stdout
 
 
-def test_a_gguf_is_converted_once_per_content(tmp_path, monkeypatch):
+def test_a_gguf_is_converted_once_per_content(tmp_path, monkeypatch, tiny_dirs):
     """Another path to the same GGUF (or a copy) finds the conversion already made: no second copy."""
     from gemma3_mlx import models
 
     monkeypatch.setenv("GEMMA3_MLX_HOME", str(tmp_path / "home"))
     made = []
 
-    def fake_convert(source, out, progress, **options):  # the conversion itself is tested elsewhere
+    def fake_convert(source, out, progress, note=None, **options):  # the conversion itself is tested elsewhere
         made.append(Path(source))
-        out.mkdir(parents=True)
-        (out / "config.json").write_text("{}")
+        shutil.copytree(tiny_dirs["tiny_v5"], out)  # a whole model: the cache checks what it finds
         return out
 
     monkeypatch.setattr(models, "_convert_into", fake_convert)
