@@ -177,7 +177,7 @@ def convert(
     calibration = None
     if calibrate or calibration_data is not None:
         calibration = {"data": calibration_data, "tokens": calibration_tokens, "progress": Progress("Calibrating")}
-    with user_errors():
+    with user_errors(), status(f"reading {source} ..."):  # on a terminal at once; the progress bar takes over
         r = run(source, out, dtype=dtype, bits=bits, group_size=group_size, recipe=recipe,
                 method="rtn" if rtn else "search", force=force, check=not no_check, quantize_vision=quantize_vision,
                 progress=Progress("Converting"), calibration=calibration)
@@ -215,7 +215,9 @@ def check(
     from ..convert import check as run  # lazy: see the imports at the top
 
     with user_errors():
-        print_quality(run(model, reference))
+        with status(f"running {model} and {reference} on the built-in text ..."):
+            quality = run(model, reference)
+        print_quality(quality)
 
 def _describe(path: Path) -> tuple[str, float, str]:
     """(architecture, size in MB, precision) of a model directory."""
