@@ -26,7 +26,7 @@ def any_thread():
     with _lock:
         device = mx.default_device()
         key = (device.type, getattr(device, "index", 0))
-        if key not in _streams:
-            _streams[key] = mx.new_thread_unsafe_stream(device)
+        if key not in _streams:  # before MLX 0.31.2 every stream served every thread
+            _streams[key] = getattr(mx, "new_thread_unsafe_stream", mx.new_stream)(device)
         with mx.stream(_streams[key]):
             yield
