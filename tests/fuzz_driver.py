@@ -24,12 +24,19 @@ import sys
 import time
 
 
-def _vm_size() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
+def _cap_address_space(headroom: int) -> None:
+    """Let the process map at most `headroom` more bytes (Linux: /proc gives the current size)."""
+    try:
+        with open("/proc/self/status") as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        resource.setrlimit(resource.RLIMIT_AS, (size + headroom, resource.RLIM_INFINITY))
+    except (OSError, ValueError, StopIteration):  # macOS: no /proc, and RLIMIT_AS is not enforced
+        pass
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KB on Linux
 
 
 def main(jobs_file: str, results_file: str, start: int) -> None:
@@ -48,8 +55,7 @@ def main(jobs_file: str, results_file: str, start: int) -> None:
     import gemma3_mlx.convert  # noqa: F401  imported by the first conversion anyway: not charged to one job
 
     out = os.open(results_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    headroom = int(jobs["address_space_headroom_mb"]) << 20
-    resource.setrlimit(resource.RLIMIT_AS, (_vm_size() + headroom, resource.RLIM_INFINITY))
+    _cap_address_space(int(jobs["address_space_headroom_mb"]) << 20)
     saved = os.dup(1), os.dup(2)
     for i in range(start, len(jobs["jobs"])):
         job = jobs["jobs"][i]
@@ -75,7 +81,7 @@ def main(jobs_file: str, results_file: str, start: int) -> None:
         sys.stdout.flush(), sys.stderr.flush()
         os.dup2(saved[0], 1), os.dup2(saved[1], 2)
         os.close(log)
-        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss_mb = _peak_rss_mb()
         result = {"i": i, "code": code, "escaped": escaped, "user_error": user_error, "seconds": round(elapsed, 3),
                   "cpu_seconds": round(cpu, 3), "rss_mb": round(rss_mb)}
         os.write(out, (json.dumps(result) + "\n").encode())
