@@ -7,10 +7,9 @@ of the final hidden states it multiplies as the output head. `Calibration.quanti
 a matrix with quantize.quantize_gptq on its H.
 
 Bounded cost: only one block's weights, the calibration set's hidden states (N x hidden) and one
-block's Hessians are in memory at a time. The source is read once and its text-model tensors
-spilled to float32 .npy files in a temporary directory (the source's order is not the layers'
-order), then memory-mapped one block at a time; the Hessians wait on disk until their matrix is
-quantized. It does not quantize activations, choose bits per layer, or calibrate the vision tower.
+block's Hessians are in memory at a time; the Hessians wait on disk (a temporary directory) until
+their matrix is quantized. Safetensors sources are read in place one tensor at a time; a GGUF's
+text tensors are dequantized once into float32 .npy files there (its order is not the layers'). It does not quantize activations, choose bits per layer, or calibrate the vision tower.
 
 Data: the package's built-in calibration.txt (original texts of several kinds; chat-formatted for
 instruction-tuned models), or a user's file: plain text, or JSONL with "text", "messages" (a chat)
@@ -22,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -31,12 +31,14 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ..cache import KVCache, WindowCache
 from ..errors import ConversionError
 from ..model import DecoderLayer
 from ..norm import RMSNorm
 from ..tokenizer import Tokenizer
+from ..weights import sanitize_name
 from .quality import TEXT
 from .quantize import quantize_gptq
 
@@ -98,19 +100,7 @@ def calibrate(src, data: str | Path | None = None, tokens: int = TOKENS, seed: i
     calib = Calibration(tempfile.TemporaryDirectory(prefix="gemma3-calibrate-"), held_out=held_out,
                         source=str(data) if data else kind)
     root = Path(calib.directory.name)
-    weights = root / "weights"
-    weights.mkdir()
-    total = src.tensor_count() + text.num_hidden_layers + 1
-    done = 0
-    for name, t in src.tensors(native=False):  # spill the text model, one tensor at a time
-        if name.startswith("model."):
-            a = np.array(t.astype(mx.float32)) if isinstance(t, mx.array) else np.asarray(t, np.float32)
-            np.save(weights / f"{name}.npy", a)
-        done += 1
-        _tick(progress, done, total)
-
-    def load(name):
-        return np.load(weights / f"{name}.npy", mmap_mode="r")
+    load, done, total = _weights(src, root / "weights", progress, extra=text.num_hidden_layers + 1)
 
     # Hidden states of every sequence, (1, L, D) each: as TextModel.embed, rows scaled by sqrt(hidden).
     table = load("model.embed_tokens.weight")
@@ -120,7 +110,7 @@ def calibrate(src, data: str | Path | None = None, tokens: int = TOKENS, seed: i
     for i, local in enumerate(text.is_local):
         prefix = f"model.layers.{i}."
         layer = DecoderLayer(text, local)
-        layer.load_weights([(k[len(prefix):-4], mx.array(load(k[:-4]))) for k in _names(weights, prefix)], strict=True)
+        layer.load_weights([(k, mx.array(load(prefix + k))) for k, _ in tree_flatten(layer.parameters())], strict=True)
         attn, mlp = layer.self_attn, layer.mlp
         sites = {"qkv": (attn, "q_proj", ("q_proj", "k_proj", "v_proj")), "o": (attn, "o_proj", ("o_proj",)),
                  "gate_up": (mlp, "gate_proj", ("gate_proj", "up_proj")), "down": (mlp, "down_proj", ("down_proj",))}
@@ -152,8 +142,7 @@ def calibrate(src, data: str | Path | None = None, tokens: int = TOKENS, seed: i
     np.save(root / "head.npy", h)
     calib.sites["model.embed_tokens.weight"] = "head.npy"
     _tick(progress, total, total)
-    for f in weights.iterdir():  # the spilled weights are no longer needed; the Hessians are
-        f.unlink()
+    shutil.rmtree(root / "weights", ignore_errors=True)  # spilled weights: no longer needed
     calib.tokens, calib.sequences = sum(len(s) for s in sequences), len(sequences)
     calib.seconds = time.perf_counter() - t0
     calib.peak_rss_mb = peak_rss_mb()
@@ -178,8 +167,27 @@ class _Catcher(nn.Module):
         return np.array(self.h) / max(self.n, 1)
 
 
-def _names(weights: Path, prefix: str) -> list[str]:
-    return sorted(p.name for p in weights.glob(f"{prefix}*.npy"))
+def _weights(src, spill: Path, progress, extra: int):
+    """(load(name) -> float32 array, tensors done, total steps). A safetensors source is read in place,
+    one tensor at a time; a GGUF's text tensors are dequantized once into .npy files under `spill`
+    (its file order is not the layers' order) and memory-mapped from there."""
+    if hasattr(src, "files"):  # HFSource
+        index = {sanitize_name(k): (f, k) for f in src.files for k in f.names if sanitize_name(k)}
+
+        def read(name):
+            f, k = index[name]
+            return np.array(f.get(k).astype(mx.float32))
+
+        return read, 0, extra
+    spill.mkdir()
+    total = src.tensor_count() + extra
+    done = 0
+    for name, t in src.tensors(native=False):
+        if name.startswith("model."):
+            np.save(spill / f"{name}.npy", np.asarray(t, np.float32))
+        done += 1
+        _tick(progress, done, total)
+    return (lambda name: np.load(spill / f"{name}.npy", mmap_mode="r")), done, total
 
 
 def _tick(progress, done, total):

@@ -193,13 +193,15 @@ def _keep_better(best, cand):
 # ---- calibrated: GPTQ-style error-compensating rounding --------------------------------------
 
 DAMP = 0.01  # of the mean diagonal, added to H before inverting (GPTQ's default)
+ACT_ORDER = False  # round columns in decreasing order of H's diagonal, on fixed grids
 BLOCK = 32  # columns updated lazily together (divides every group size): small keeps the
 # column-by-column updates cheap, the rest goes through one matmul per block
 GPTQ_CHUNK_VALUES = 1 << 22  # values per chunk of rows: GPTQ's per-column steps want long rows
 
 
 def quantize_gptq(
-    w: mx.array | np.ndarray, hessian: np.ndarray, bits: int, group_size: int, damp: float = DAMP
+    w: mx.array | np.ndarray, hessian: np.ndarray, bits: int, group_size: int, damp: float = DAMP,
+    act_order: bool = ACT_ORDER,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Like `quantize`, but lowering the output error on calibration inputs X instead of the weight
     error: per row r, (w_r - dq_r) H (w_r - dq_r)^T with H = X^T X (cols, cols), the layer's input
@@ -217,7 +219,8 @@ def quantize_gptq(
                          f"and a (cols, cols) Hessian; got {w.shape} and {hessian.shape}")
     rows, groups, n = w.shape[0], cols // group_size, 2**bits - 1
     h = np.asarray(hessian, np.float64)
-    u = _inverse_hessian_factor(h, damp).astype(np.float32)
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else None
+    u = _inverse_hessian_factor(h if perm is None else h[perm][:, perm], damp).astype(np.float32)
     h32 = h.astype(np.float32)
     packed = np.empty((rows, cols * bits // 32), np.uint32)
     scales = np.empty((rows, groups), np.float32)
@@ -231,9 +234,9 @@ def quantize_gptq(
             yield i, np.array(chunk, np.float32)
 
     def work(i, x):
-        q, s, b = _gptq_rows(x.copy(), u, n, group_size)
         q0, s0, b0 = _search(x.reshape(-1, groups, group_size), n)  # exactly what `quantize` stores
         q0, s0, b0 = q0.reshape(-1, cols), _f16(s0[..., 0]), _f16(b0[..., 0])
+        q, s, b = _gptq_rows(x.copy(), u, n, group_size, perm, (s0, b0))
         # Output error on the calibration inputs, per row: e H e^T, for both candidates.
         e = _dequant(q, s, b, group_size) - x
         e0 = _dequant(q0, s0, b0, group_size) - x
@@ -259,31 +262,50 @@ def _inverse_hessian_factor(h: np.ndarray, damp: float) -> np.ndarray:
     return np.linalg.cholesky(hinv).T
 
 
-def _gptq_rows(w: np.ndarray, u: np.ndarray, n: int, group_size: int):
-    """GPTQ over a chunk of rows w (R, C), modified in place: (q (R, C), scales, biases (R, G))."""
+def _gptq_rows(w: np.ndarray, u: np.ndarray, n: int, group_size: int, perm=None, grids=None):
+    """GPTQ over a chunk of rows w (R, C): (q (R, C), scales, biases (R, G)).
+
+    Natural order: each group's grid is searched when its first column is reached. With `perm`
+    (act order: columns by decreasing H diagonal, u factored in that order), the grids are fixed
+    up front (`grids`: scales, biases (R, G)), since a group's columns are then spread out.
+    Works on the transpose, so that each column's values are contiguous in memory."""
     R, C = w.shape
-    q = np.empty((R, C), np.float32)
-    s_all = np.empty((R, C // group_size), np.float32)
-    b_all = np.empty_like(s_all)
+    wt = np.ascontiguousarray((w if perm is None else w[:, perm]).T)  # (C, R)
+    G = C // group_size
+    if perm is not None:
+        st, bt = (np.ascontiguousarray(a.T) for a in grids)  # (G, R)
+        it = _inverse(st)
+    else:
+        st, bt, it = (np.empty((G, R), np.float32) for _ in range(3))
+    q = np.empty((C, R), np.float32)
+    e = np.empty(R, np.float32)
     for i1 in range(0, C, BLOCK):
         i2 = min(i1 + BLOCK, C)
-        w1 = w[:, i1:i2]  # a view: updates land in w
-        err = np.empty((R, i2 - i1), np.float32)
+        err = np.empty((i2 - i1, R), np.float32)
         for j in range(i2 - i1):
             c = i1 + j
-            if c % group_size == 0:  # this group's grid, from its columns as updated so far
-                _, s, b = _search(w[:, c : c + group_size].reshape(R, 1, group_size), n)
-                s, b = _f16(s[:, 0, 0]), _f16(b[:, 0, 0])
-                inv = _inverse(s)
-                s_all[:, c // group_size], b_all[:, c // group_size] = s, b
-            col = w1[:, j]
-            qc = np.minimum(np.maximum(np.rint((col - b) * inv), 0), n)
-            q[:, c] = qc
-            e = (col - (s * qc + b)) / u[c, c]
-            w1[:, j + 1 :] -= np.outer(e, u[c, c + 1 : i2])
-            err[:, j] = e
-        w[:, i2:] -= err @ u[i1:i2, i2:]
-    return q, s_all, b_all
+            g = (perm[c] if perm is not None else c) // group_size
+            if perm is None and c % group_size == 0:  # this group's grid, from its columns as updated so far
+                _, s, b = _search(np.ascontiguousarray(wt[c : c + group_size].T).reshape(R, 1, group_size), n)
+                st[g], bt[g] = _f16(s[:, 0, 0]), _f16(b[:, 0, 0])
+                it[g] = _inverse(st[g])
+            col, qc = wt[c], q[c]
+            np.subtract(col, bt[g], out=qc)
+            qc *= it[g]
+            np.rint(qc, out=qc)
+            np.clip(qc, 0, n, out=qc)
+            np.multiply(st[g], qc, out=e)  # e = (col - dequantized) / u_cc: the error to spread
+            e += bt[g]
+            np.subtract(col, e, out=e)
+            e /= u[c, c]
+            wt[c + 1 : i2] -= u[c, c + 1 : i2, None] * e
+            err[j] = e
+        if i2 < C:
+            wt[i2:] -= u[i1:i2, i2:].T @ err
+    q = q.T
+    if perm is not None:
+        q = q[:, np.argsort(perm)]
+    return np.ascontiguousarray(q), np.ascontiguousarray(st.T), np.ascontiguousarray(bt.T)
 
 
 def _f16(a: np.ndarray) -> np.ndarray:

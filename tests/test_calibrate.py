@@ -206,3 +206,14 @@ def test_cli_calibrates_a_multimodal_model_leaving_the_vision_tower(tmp_path):
     r = CliRunner().invoke(app, args[:3] + [str(tmp_path / "bad"), "--bits", "4", "--calibrate", "--calibration-tokens", "3"])
     assert r.exit_code == 1 and r.stderr.strip().splitlines()[-1] == "error: --calibration-tokens 3: too few (at least 16)"
     assert "Traceback" not in r.output and not (tmp_path / "bad").exists()
+
+
+def test_a_gguf_source_calibrates_on_the_built_in_text(tmp_path):
+    """The GGUF path: tensors dequantized once into the temporary directory, its own tokenizer."""
+    import tiny_files
+
+    gguf = tiny_files.write_gguf(tmp_path / "tiny.gguf")
+    r = _convert(gguf, tmp_path / "out", bits=4, group_size=32, calibration={"tokens": 256})
+    assert r.calibration["source"].startswith("built-in text") and r.calibration["tokens"] == 256
+    model, tok = gemma3_mlx.load(tmp_path / "out", dtype="float32")
+    assert len(list(generate_tokens(model, tok.encode("the cat sat"), max_tokens=3))) == 3
