@@ -405,7 +405,7 @@ def chat(
                 load_image(p)
         group = None
         if parallel:
-            group, path, model_obj, tokenizer = open_parallel(model, parallel, resolve_model,
+            group, path, model_obj, tokenizer = open_parallel(model, parallel, resolve_model, announce=True,
                                                               speculating=bool(draft_model or prompt_lookup))
         else:
             path = resolve_model(model)

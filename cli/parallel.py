@@ -32,9 +32,10 @@ def quiet_other_ranks(argv: list[str]) -> None:
         os.dup2(devnull, 2)
 
 
-def open_parallel(model, parallel: str, resolve_model, dtype=None, speculating: bool = False):
+def open_parallel(model, parallel: str, resolve_model, dtype=None, speculating: bool = False, announce: bool = False):
     """(group, path, model, tokenizer) of this rank: the group formed (or one line within the timeout),
-    every rank checked to have the same model and command line, then this rank's share loaded."""
+    every rank checked to have the same model and command line, then this rank's share loaded.
+    `announce`: say "loading ..." as the command does alone (chat)."""
     if parallel not in MODES:
         fail(f"--parallel must be tensor or pipeline (got {parallel})")
     if speculating:
@@ -51,6 +52,8 @@ def open_parallel(model, parallel: str, resolve_model, dtype=None, speculating: 
         distributed.check_same(group, model=found if found else ("path", path), command=sys.argv[1:])
     except distributed.ClusterError as e:
         fail(str(e))
+    if announce:
+        note(f"loading {path.name} ...", dim=True)
     with status(f"loading {path.name} on {group.size()} ranks ({parallel} parallel) ..."):
         try:
             model_obj, tokenizer = distributed.load(path, group, parallel, dtype=dtype)

@@ -165,11 +165,11 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize
 
 def read_weights(path: Path, config: ModelConfig, dtype: mx.Dtype, dequantize: bool,
                  select: Callable[[str], bool] | None = None, take=None) -> dict[str, mx.array]:
-    """A directory's weights under MLX names (those `select` keeps; `take(name, w) -> (name, w)`, when
-    given, renames and cuts each down to a rank's part: shard.Plan), materialised one at a time."""
+    """A directory's weights under MLX names (those `select` keeps, each cut down by `take(name, w)`
+    when given: a rank's slice, shard.Plan), materialised one at a time."""
     files = [SafetensorsFile(f) for f in checkpoint_files(Path(path))]
-    lazy = dict(take(n, w) if take else (n, w) for n, w in checkpoint_weights(files, vision=config.vision is not None)
-                if not select or select(n))
+    lazy = {n: take(n, w) if take else w for n, w in checkpoint_weights(files, vision=config.vision is not None)
+            if not select or select(n)}
     return materialise(lazy, config.quantization, dtype, expand=bool(config.quantization) and dequantize)
 
 

@@ -116,11 +116,16 @@ class TextModel(nn.Module):
         # Scaled by sqrt(hidden), rounded to the compute dtype first as the reference does.
         return h * mx.array(math.sqrt(self.config.hidden_size), dtype=h.dtype)
 
+    def own_layers(self) -> list:
+        """The layers this process runs: all, or a pipeline stage's (the others are empty placeholders,
+        so parameter names keep the checkpoint's layer numbers)."""
+        return [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
+
     def __call__(self, h: mx.array, cache: list, image_spans=None, norm: bool = True) -> mx.array:
         """`norm`: apply the final norm (not on a pipeline stage that passes its output on)."""
         L = h.shape[1]
         masks = {}
-        for layer, c in zip(self.layers, cache):
+        for layer, c in zip(self.own_layers(), cache):
             if layer.is_local not in masks:
                 # Every layer of one kind has the same cache geometry, so one mask per kind.
                 masks[layer.is_local] = with_image_blocks(c.make_mask(L), image_spans, L)
@@ -218,7 +223,7 @@ class Model(nn.Module):
             return QuantizedKVCache(kv_bits, value_bits or kv_bits, kv_group_size, max_context)
 
         # This rank's layers only, once split by pipeline().
-        return [WindowCache(t.sliding_window, rollback) if layer.is_local else global_cache() for layer in self.model.layers]
+        return [WindowCache(t.sliding_window, rollback) if layer.is_local else global_cache() for layer in self.model.own_layers()]
 
     def __call__(self, input_ids: mx.array, cache: list | None = None, *, pixel_values: mx.array | None = None,
                  image_features: mx.array | None = None, image_spans=None, logits: str = "all") -> mx.array | None:

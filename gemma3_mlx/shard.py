@@ -176,9 +176,10 @@ def pipeline(model, group: mx.distributed.Group, weights=None) -> Stage:
     `weights`: one number per rank (its memory); equal shares when None."""
     N, r = group.size(), group.rank()
     text = model.model
-    is_local = [layer.is_local for layer in text.layers]
-    start, end = split_layers(is_local, weights or [1] * N)[r]
-    text.layers = text.layers[start:end]
+    start, end = split_layers(model.config.text.is_local, weights or [1] * N)[r]
+    # Empty modules stand in for the other ranks' layers: names keep the checkpoint's layer numbers
+    # (and its per-layer quantization settings still apply).
+    text.layers = [layer if start <= i < end else nn.Module() for i, layer in enumerate(text.layers)]
     stage = Stage(group, start, end)
     if not (stage.first or stage.last):
         del text.embed_tokens  # a middle stage neither embeds nor has the head
@@ -209,8 +210,7 @@ _COLS = {"o_proj", "down_proj"}  # sharded-to-all: inputs (columns) split
 class Plan:
     """Which checkpoint tensors a rank reads, and which slice of each, for `mode` "tensor" or
     "pipeline" (`weights` as in `pipeline`). `keep(name)` before reading, `take(name, w)` on the lazily
-    read tensor (its name in the split model, and a lazy copy of this rank's slice: the whole tensor
-    is freed once it is evaluated),
+    read tensor (a lazy copy of this rank's slice: the whole tensor is freed once it is evaluated),
     `apply(model)` splits the freshly built model the same way before the weights go in."""
 
     def __init__(self, config, group: mx.distributed.Group, mode: str, weights=None):
@@ -242,16 +242,10 @@ class Plan:
             return self.vision
         return True
 
-    def take(self, name: str, w: mx.array) -> tuple[str, mx.array]:
-        """(parameter name, this rank's part of `w`): a pipeline stage numbers its layers from 0."""
-        if self.mode == "pipeline":
-            m = re.match(r"model\.layers\.(\d+)\.", name)
-            if m:
-                name = f"model.layers.{int(m.group(1)) - self.layers.start}." + name[m.end():]
-            return name, w
-        return name, self._slice(name, w)
-
-    def _slice(self, name: str, w: mx.array) -> mx.array:
+    def take(self, name: str, w: mx.array) -> mx.array:
+        """This rank's part of `w`: a slice for tensor parallel, all of it for a pipeline."""
+        if self.mode != "tensor":
+            return w
         N, r, t = self.group.size(), self.group.rank(), self.config.text
         axis = None
         m = _LAYER.match(name)
@@ -275,17 +269,14 @@ class Plan:
         return mx.contiguous(w[tuple(index)])  # a copy once evaluated: the whole tensor is not kept
 
     def apply(self, model, quantize=None) -> None:
-        """Split a freshly built `model`; `quantize(model)` swaps in the quantized layers the checkpoint
-        has (before splitting for tensor parallel, which splits them; after for a pipeline, whose
-        layers are renumbered)."""
+        """Split a freshly built `model`, after `quantize(model)` swapped in the quantized layers the
+        checkpoint has (tensor parallel splits them along whole groups)."""
+        if quantize:
+            quantize(model)
         if self.mode == "tensor":
-            if quantize:
-                quantize(model)
             model.shard(self.group)
         else:
             model.pipeline(self.group, self.weights)
-            if quantize:
-                quantize(model)
 
 
 __all__ = ["Plan", "Stage", "VocabShardedEmbedding", "agree", "kv_heads", "pipeline", "shard_tensor", "split_layers"]

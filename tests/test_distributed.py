@@ -23,7 +23,9 @@ from mlx.utils import tree_flatten
 
 from distributed_worker import run_case
 from gemma3_mlx.loader import load_model
+from gemma3_mlx.chat import ChatSession
 from gemma3_mlx.config import ModelConfig
+from gemma3_mlx.generate import stream_generate
 from gemma3_mlx.model import Model
 from gemma3_mlx.shard import kv_heads, split_layers
 
@@ -58,14 +60,15 @@ def tiny(tmp_path_factory):
     return {(h, kv, hd, bits): tiny_dir(root, h, kv, hd, bits) for h, kv, hd in LAYOUTS for bits in (None, 4)}
 
 
-# 15 prompt tokens in chunks of 6, then 4 more: past the window of 8. Few steps: on 2 busy cores each of
-# the ~17 collectives of a step waits for the other processes to be scheduled.
+# 15 prompt tokens in chunks of 8, then 3 more: past the window of 8. Few steps and cases: MLX's ring
+# backend spins while it waits, so with more ranks than this machine's 2 cores every collective (~17 a
+# step for tensor parallel) waits for the other processes to be scheduled.
 PROMPT = [2] + list(range(10, 24))
 BATCH = [PROMPT, [2] + list(range(40, 46))]  # two rows at different positions
 
 
 def cases_for(dirs, modes, **kw):
-    return [{"dir": d, "mode": m, "dequantize": False, "prompts": [PROMPT], "n": 4, "chunk": 6, **kw}
+    return [{"dir": d, "mode": m, "dequantize": False, "prompts": [PROMPT], "n": 3, "chunk": 8, **kw}
             for d in dirs for m in modes]
 
 
@@ -121,8 +124,10 @@ def test_split_layers():
 
 
 def test_two_ranks_match_one_process(tiny, tmp_path):
-    cases = cases_for(tiny.values(), ("tensor", "pipeline"))
-    cases += cases_for([tiny[(16, 8, 256, 4)]], ("tensor", "pipeline"), prompts=BATCH, n=8)
+    # Tensor parallel splits heads: every layout, float and 4-bit. A pipeline splits layers: two layouts.
+    cases = cases_for(tiny.values(), ["tensor"])
+    cases += cases_for([d for (h, kv, hd, bits), d in tiny.items() if h in (4, 32)], ["pipeline"])
+    cases += cases_for([tiny[(16, 8, 256, 4)]], ("tensor", "pipeline"), prompts=BATCH, n=6)
     cases += [{"dir": VLM, "mode": mode, "image": "one_image", "prompts": [], "n": 3} for mode in ("tensor", "pipeline")]
     # Uneven memory (3:1), sampled: rank 0 samples for both.
     cases += cases_for([tiny[(8, 4, 256, None)]], ["pipeline"], weights=[3, 1], temp=0.8, seed=5, n=8)
@@ -132,10 +137,11 @@ def test_two_ranks_match_one_process(tiny, tmp_path):
 
 
 def test_four_ranks_match_one_process(tiny, tmp_path):
-    cases = cases_for([d for (h, kv, hd, bits), d in tiny.items() if bits is None or h == 8], ["tensor"])
-    cases += cases_for([tiny[(16, 8, 256, None)]], ["pipeline"], prompts=BATCH)
-    cases += cases_for([tiny[(32, 16, 128, 4)]], ["pipeline"])
-    cases += [{"dir": VLM, "mode": "tensor", "image": "one_image", "prompts": [], "n": 3}]
+    # One query head per rank with the kv head replicated (4/1), one kv head per rank (8/4, 4-bit),
+    # a 4-stage pipeline (batched), an image.
+    cases = cases_for([tiny[(4, 1, 256, None)], tiny[(8, 4, 256, 4)]], ["tensor"], n=3)
+    cases += cases_for([tiny[(32, 16, 128, None)]], ["pipeline"], prompts=BATCH, n=3)
+    cases += [{"dir": VLM, "mode": "tensor", "image": "one_image", "prompts": [], "n": 2}]
     got = launch(4, cases, tmp_path)
     for case, g in zip(cases, got):
         check(case, g, 4)
@@ -148,24 +154,27 @@ def gemma3(*args, n: int = 0, env=None, stdin=None, timeout=300):
                           env={**os.environ, "NO_COLOR": "1", **(env or {})})
 
 
-def test_chat_on_two_ranks_prints_what_one_process_prints(model_270m_dir):
-    turns = "What is the capital of France?\nAnd of Italy?\n"
-    args = ["chat", "-m", str(model_270m_dir), "-n", "12"]
-    alone = gemma3(*args, stdin=turns)
-    split = gemma3(*args, "--parallel", "pipeline", n=2, stdin=turns)
-    assert alone.returncode == 0 and split.returncode == 0, split.stderr[-2000:]
-    assert split.stdout == alone.stdout and alone.stdout.count("\n") == 2  # two replies, once each
-
-
-def test_generate_on_two_ranks_reports_each_ranks_bytes(model_270m_dir):
-    args = ["generate", "--raw", "-m", str(model_270m_dir), "-n", "6", "--stats", "The capital of France is"]
-    alone = gemma3(*args)
-    split = gemma3(*args, "--parallel", "tensor", n=2)
+def test_chat_on_two_ranks_prints_what_one_process_prints(model_270m_dir, model_270m):
+    turns = ["What is the capital of France?", "And of Italy?"]
+    session = ChatSession(*model_270m, max_tokens=8)  # what `gemma3 chat` alone prints: each reply, a newline
+    alone = "".join("".join(r.text for r in session.send(t)) + "\n" for t in turns)
+    stdin = "\n".join(turns) + "\n/quit\n"  # mlx.launch never passes on the end of input
+    split = gemma3("chat", "-m", str(model_270m_dir), "-n", "8", "--parallel", "pipeline", n=2, stdin=stdin)
     assert split.returncode == 0, split.stderr[-2000:]
-    assert split.stdout == alone.stdout
+    assert split.stdout == alone and split.stderr.count("loading gemma-3-270m-f32 ...") == 1
+
+
+def test_generate_on_two_ranks_reports_each_ranks_bytes(model_270m_dir, model_270m):
+    prompt = "The capital of France is"
+    pieces = list(stream_generate(*model_270m, prompt, max_tokens=4))  # what `gemma3 generate --raw` alone prints
+    split = gemma3("generate", "--raw", "-m", str(model_270m_dir), "-n", "4", "--stats", "--parallel", "tensor",
+                   prompt, n=2)
+    assert split.returncode == 0, split.stderr[-2000:]
+    assert split.stdout == "".join(r.text for r in pieces) + "\n"
     ranks = re.findall(r"rank (\d): parameters ([\d.]+) MB, KV cache ([\d.]+) MB", split.stderr)
     assert [r for r, _, _ in ranks] == ["0", "1"], split.stderr
-    single_kv = float(re.search(r"KV cache ([\d.]+) MB", alone.stderr).group(1))
+    print(split.stderr)
+    single_kv = pieces[-1].kv_bytes / 1e6
     for _, params, kv in ranks:  # float32 270M: 1,072 MB alone; the 262K embedding and the MLP split in two
         assert float(params) < 0.55 * 1072 and abs(float(kv) - single_kv) < 0.1  # one KV head: replicated
 
