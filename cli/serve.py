@@ -195,7 +195,7 @@ def make_app(worker: Worker, model_names: tuple[str, ...], *, api_key: str | Non
         return JSONResponse(model_card(name))
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok" if worker.is_alive() else "stopped", "model": model_names[0]})
+        return JSONResponse({"status": "stopped" if worker.stopped.is_set() else "ok", "model": model_names[0]})
 
     async def metrics(request: Request):
         authorize(request)

@@ -68,6 +68,7 @@ class Worker(threading.Thread):
                                        "cached_tokens", "generated_tokens"), 0)
         self.gauges = {"queue_depth": 0, "active_sequences": 0, "kv_bytes": 0, "pool_bytes": 0, "pool_entries": 0}
         self._stopping = False
+        self.stopped = threading.Event()  # the loop has ended
         self._used = False  # MLX's buffer cache may hold memory from work since the last clear
 
     # ------------------------------------------------------------------ any thread
@@ -86,8 +87,9 @@ class Worker(threading.Thread):
         self.inbox.put(("cancel", job))
 
     def stop(self) -> None:
+        """End the loop (the thread itself stays parked; see run)."""
         self.inbox.put(("stop", None))
-        self.join(timeout=10)
+        self.stopped.wait(timeout=10)
 
     # ------------------------------------------------------------------ the model thread
 
@@ -101,6 +103,11 @@ class Worker(threading.Thread):
                 self._fail_all(f"internal error: {type(e).__name__}: {e}")
             self._measure()
         self.engine.close()
+        self.stopped.set()
+        # Park for good: when a thread that ran MLX ends, its thread-local compile cache is freed and
+        # needs the GIL; if the interpreter is exiting by then, the process aborts ("terminate called
+        # without an active exception", seen 1 run in 4). A parked daemon thread never ends.
+        threading.Event().wait()
 
     def _take(self, block: bool) -> None:
         try:
