@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import re
+import runpy
 import shutil
 import socket
 import subprocess
@@ -465,7 +466,7 @@ def test_real_270m_batched_greedy_logprobs_stop_and_seed(real):
     assert a == b
 
 
-def test_real_270m_sees_an_image_by_data_url_and_the_example_runs(real):
+def test_real_270m_sees_an_image_by_data_url_and_the_example_runs(real, monkeypatch, capsys):
     path = FIXTURES / "images" / "rgb.png"
     url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
     content = [{"type": "text", "text": "Describe this picture."}, {"type": "image_url", "image_url": {"url": url}}]
@@ -475,12 +476,13 @@ def test_real_270m_sees_an_image_by_data_url_and_the_example_runs(real):
     ids, blocks = prompt_ids(real.tokenizer, real.model.config,  # the image where its part stood: after the text
                              [{"role": "user", "content": "Describe this picture.<start_of_image>"}], [path])
     assert r.usage.prompt_tokens == len(ids) and len(blocks) == 1 and r.usage.completion_tokens == 1
-    # the README's example: the same picture and question again, so its prompt comes from the cache
-    ex = subprocess.run([sys.executable, str(EXAMPLES / "openai_client.py"), "Describe this picture.",
-                         "--image", str(path), "--base-url", real.url, "--max-tokens", "1"],
-                        capture_output=True, text=True, timeout=300)
-    assert ex.returncode == 0, ex.stderr
-    assert f"[{real.name}: {len(ids)} prompt tokens, {len(ids)} of them from the cache; 1 generated]" in ex.stdout
+    # the README's example (run in this process: no second interpreter to start), the same picture and
+    # question again, so its prompt comes from the cache
+    monkeypatch.setattr(sys, "argv", ["openai_client.py", "Describe this picture.", "--image", str(path),
+                                      "--base-url", real.url, "--max-tokens", "1"])
+    runpy.run_path(str(EXAMPLES / "openai_client.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert f"[{real.name}: {len(ids)} prompt tokens, {len(ids)} of them from the cache; 1 generated]" in out
 
 
 def test_cache_pool_lends_a_conversation_back_and_evicts_by_bytes(tiny):
