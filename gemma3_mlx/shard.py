@@ -5,8 +5,8 @@ the MLP's hidden units, with MLX's sharded linear layers (q/gate/up all-to-shard
 sharded-to-all: two all-reduces of (B, L, hidden) per layer). A rank keeps the key/value heads its
 query heads read: its own share when they divide evenly, all of them when there is one (270M, 1B).
 The tied embedding is split by vocabulary rows: a lookup is one all-reduce, the head one all-gather
-of the logits (measured: the 262K-row head was 60% of the 270M's decode time; split, each rank
-computes 1/N of it). Quantized layers stay quantized, split along whole groups.
+of the logits (the 262K-row head took 42% of a 270M decode step on a CPU here; split, each rank
+computes 1/N of it, and holds 1/N of the table). Quantized layers stay quantized, split along whole groups.
 
 Pipeline parallel (`pipeline`): each rank holds a contiguous run of layers; hidden states flow from
 the highest rank (the first layers, the embedding) down to rank 0 (the last layers and the head).
@@ -200,6 +200,21 @@ def agree(tokens: mx.array, group: mx.distributed.Group, computed: bool = True) 
     return mx.distributed.all_sum(mine.astype(mx.int32), group=group).astype(tokens.dtype)
 
 
+def traffic(cfg, mode: str, size: int, value_bytes: int = 2, batch: int = 1) -> tuple[int, int]:
+    """(bytes one rank sends, collective operations) per decoded token, on paper. A ring all-reduce of
+    S bytes sends 2(N-1)/N x S from each rank, an all-gather (N-1)/N x S. Tensor parallel: two
+    all-reduces of (B, hidden) per layer, one for the embedding lookup, the logits' all-gather and
+    the token (agree); a pipeline: one (B, hidden) send per stage boundary and the token."""
+    N, D, V, L = size, cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
+    if N == 1:
+        return 0, 0
+    token = 2 * (N - 1) * 4 * batch // N
+    if mode == "tensor":
+        reduce = 2 * (N - 1) * batch * D * value_bytes // N
+        return (2 * L + 1) * reduce + (N - 1) * batch * V * value_bytes // N + token, 2 * L + 3
+    return batch * D * value_bytes + token, 2
+
+
 # ---------------------------------------------------------------------------------- what each rank reads
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|scales|biases|bias)$")
@@ -279,4 +294,5 @@ class Plan:
             model.pipeline(self.group, self.weights)
 
 
-__all__ = ["Plan", "Stage", "VocabShardedEmbedding", "agree", "kv_heads", "pipeline", "shard_tensor", "split_layers"]
+__all__ = ["Plan", "Stage", "VocabShardedEmbedding", "agree", "kv_heads", "pipeline", "shard_tensor", "split_layers",
+           "traffic"]
