@@ -12,7 +12,7 @@ Pipeline parallel (`pipeline`): each rank holds a contiguous run of layers; hidd
 the highest rank (the first layers, the embedding) down to rank 0 (the last layers and the head).
 Rank 0 alone has logits: every rank continues with rank 0's tokens (`agree`).
 
-`plan` says which checkpoint tensors (and which slice of each) a rank reads, so a rank never holds
+`Plan` says which checkpoint tensors (and which slice of each) a rank reads, so a rank never holds
 more than its share. This module moves no bytes itself: MLX's ring/JACCL/MPI backends do. It does
 not start processes or read files (distributed.py, loader.py).
 """

@@ -27,7 +27,7 @@ from gemma3_mlx.chat import ChatSession
 from gemma3_mlx.config import ModelConfig
 from gemma3_mlx.generate import stream_generate
 from gemma3_mlx.model import Model
-from gemma3_mlx.shard import kv_heads, split_layers
+from gemma3_mlx.shard import kv_heads, split_layers, traffic
 
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
@@ -114,13 +114,22 @@ def check(case: dict, got: dict, n: int, model=None) -> None:
         assert sum(got["kv"]) == ref["kv"]
 
 
-def test_split_layers():
+def test_split_layers_kv_heads_and_traffic():
     assert split_layers([True] * 5 + [False], [1, 1]) == [(3, 6), (0, 3)]  # rank 1 runs the first layers
     assert split_layers([True] * 5 + [False] + [True] * 6, [3, 1]) == [(3, 12), (0, 3)]  # 3:1 memory
     with pytest.raises(ValueError, match="no sliding-window layer"):
         split_layers([True, False, False, True], [1, 1, 1, 1])
     with pytest.raises(ValueError, match="at least 4 layers"):
         split_layers([True] * 3, [1] * 4)
+    assert [kv_heads(4, 1, r, 2) for r in range(2)] == [(0, 1), (0, 1)]  # one KV head: replicated
+    assert [kv_heads(32, 16, r, 4) for r in range(4)] == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    assert [kv_heads(8, 4, r, 8) for r in range(8)] == [(r // 2, r // 2 + 1) for r in range(8)]  # shared
+    # The README's 27B figures: bytes each Mac sends per token (bfloat16), collectives per token.
+    t = ModelConfig.from_dict({"model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 5376,
+                               "intermediate_size": 21504, "num_hidden_layers": 62, "num_attention_heads": 32,
+                               "num_key_value_heads": 16, "head_dim": 128, "query_pre_attn_scalar": 168}).text
+    assert traffic(t, "tensor", 2) == (1606212, 127) and traffic(t, "tensor", 4)[0] == 2409318
+    assert traffic(t, "pipeline", 2) == (10756, 2)
 
 
 def test_two_ranks_match_one_process(tiny, tmp_path):
