@@ -80,8 +80,11 @@ def init(timeout: float = TIMEOUT) -> mx.distributed.Group:
             group = mx.distributed.init(strict=True)
             mx.eval(mx.distributed.all_sum(mx.ones(1), group=group))
         except RuntimeError as e:
-            raise ClusterError(f"cannot start the distributed group: {' '.join(str(e).split())} "
-                               "(run under mlx.launch, or set MLX_RANK and MLX_HOSTFILE)") from None
+            why = " ".join(str(e).split())
+            hint = ("a port of the hostfile is in use on this host: choose others (mlx.launch --starting-port)"
+                    if "error: 98" in why or "error: 48" in why else  # EADDRINUSE on Linux / macOS
+                    "run under mlx.launch, or set MLX_RANK and MLX_HOSTFILE")
+            raise ClusterError(f"cannot start the distributed group: {why} ({hint})") from None
     return group
 
 

@@ -8,6 +8,7 @@ them and writes a JSON file); the single-process references are computed here.
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -196,6 +197,13 @@ def test_a_rank_that_never_comes_fails_in_one_line(tmp_path):
                env={"MLX_RANK": "0", "MLX_HOSTFILE": str(hosts), "GEMMA3_MLX_CLUSTER_TIMEOUT": "3"}, timeout=60)
     assert time.time() - t < 30 and p.returncode != 0
     assert p.stdout == "" and p.stderr.strip().count("\n") == 0 and "did not come up within 3 s" in p.stderr
+    with socket.socket() as taken:  # rank 0's port is in use
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        hosts.write_text(json.dumps([[f"127.0.0.1:{taken.getsockname()[1]}"], ["127.0.0.1:39613"]]))
+        p = gemma3("generate", "-m", VLM, "--parallel", "tensor", "hi",
+                   env={"MLX_RANK": "0", "MLX_HOSTFILE": str(hosts), "GEMMA3_MLX_CLUSTER_TIMEOUT": "20"}, timeout=60)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "in use" in p.stderr, p.stderr
 
 
 def test_ranks_with_different_models_fail_in_one_line(tiny, tmp_path):
