@@ -201,6 +201,8 @@ def test_non_loopback_host_needs_a_key():
         taken.listen()
         r = CliRunner().invoke(app, ["serve", "--port", str(taken.getsockname()[1]), "-m", "/nonexistent"])
     assert r.exit_code == 1 and "cannot listen on 127.0.0.1" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["serve", "--help"])
+    assert r.exit_code == 0 and "Example: gemma3 serve" in r.output and "--api-key" in r.output
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
 
