@@ -14,6 +14,10 @@ with sigint_to_main_thread():  # worker threads started here leave Ctrl-C to the
     import numpy  # noqa: F401  (its bundled OpenBLAS starts threads too)
 
     _mx.eval(_mx.ones((2, 2)) @ _mx.ones((2, 2)))  # MLX starts its CPU worker thread now
+    from ._streams import any_thread as _any_thread
+
+    with _any_thread():  # and the generation stream's worker thread
+        _mx.eval(_mx.ones((2, 2)) @ _mx.ones((2, 2)))
 
 from .chat import ChatSession  # noqa: E402
 from .config import ModelConfig, TextConfig  # noqa: E402

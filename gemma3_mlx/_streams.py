@@ -16,6 +16,8 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 
+from ._signals import sigint_to_main_thread
+
 _lock = threading.RLock()
 _streams: dict = {}
 
@@ -27,6 +29,7 @@ def any_thread():
         device = mx.default_device()
         key = (device.type, getattr(device, "index", 0))
         if key not in _streams:  # before MLX 0.31.2 every stream served every thread
-            _streams[key] = getattr(mx, "new_thread_unsafe_stream", mx.new_stream)(device)
+            with sigint_to_main_thread():  # the stream's worker thread must leave Ctrl-C to the main thread
+                _streams[key] = getattr(mx, "new_thread_unsafe_stream", mx.new_stream)(device)
         with mx.stream(_streams[key]):
             yield
