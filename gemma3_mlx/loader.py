@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 import mlx.nn as nn
 
+from ._signals import sigint_to_main_thread
 from .config import ModelConfig, instruction_tuned_from_name
 from .errors import ConfigError, ModelFileError
 from .files import read_json
@@ -170,7 +171,8 @@ def read_weights(path: Path, config: ModelConfig, dtype: mx.Dtype, dequantize: b
     files = [SafetensorsFile(f) for f in checkpoint_files(Path(path))]
     lazy = {n: take(n, w) if take else w for n, w in checkpoint_weights(files, vision=config.vision is not None)
             if not select or select(n)}
-    return materialise(lazy, config.quantization, dtype, expand=bool(config.quantization) and dequantize)
+    with sigint_to_main_thread():  # the first lazy load starts MLX's reading threads: they leave Ctrl-C alone
+        return materialise(lazy, config.quantization, dtype, expand=bool(config.quantization) and dequantize)
 
 
 def load_tokenizer(path: str | Path, *, config: ModelConfig | None = None) -> Tokenizer | None:
