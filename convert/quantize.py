@@ -12,8 +12,9 @@ independently by fractions of one RTN step), fits the least-squares scale and bi
 candidate's q, takes a few alternating round/refit steps from the best, and finally keeps
 RTN for any group where that is not strictly better, so no group is ever worse than RTN.
 
-It deliberately does not look at activations or calibration data (no AWQ/GPTQ-style
-weighting), choose bits per layer, or handle the mxfp4/mxfp8/nvfp4 modes. It works in float32
+`quantize` sees only the weights. `quantize_gptq` also takes a layer's input Hessian (gathered
+by calibrate.py) and rounds to lower the layer's output error instead (GPTQ). Neither chooses
+bits per layer or handles the mxfp4/mxfp8/nvfp4 modes. It works in float32
 numpy a chunk of rows at a time, so memory stays bounded for any matrix size. Scales and
 biases come back in float32; the converter stores them in float16 (measured: no KL change on the 270M).
 """
