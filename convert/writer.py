@@ -8,7 +8,6 @@ streamed to disk as they come, so memory stays near one tensor, not a shard or t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 from contextlib import contextmanager
