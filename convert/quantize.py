@@ -194,7 +194,7 @@ def _keep_better(best, cand):
 # ---- calibrated: GPTQ-style error-compensating rounding --------------------------------------
 
 DAMP = 0.01  # of the mean diagonal, added to H before inverting (GPTQ's default)
-ACT_ORDER = False  # round columns in decreasing order of H's diagonal, on fixed grids
+ACT_ORDER = True  # round columns in decreasing order of H's diagonal, on fixed grids (measured: KL 0.124 vs 0.136)
 BLOCK = 32  # columns updated lazily together (divides every group size): small keeps the
 # column-by-column updates cheap, the rest goes through one matmul per block
 GPTQ_CHUNK_VALUES = 1 << 22  # values per chunk of rows: GPTQ's per-column steps want long rows
@@ -206,10 +206,11 @@ def quantize_gptq(
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Like `quantize`, but lowering the output error on calibration inputs X instead of the weight
     error: per row r, (w_r - dq_r) H (w_r - dq_r)^T with H = X^T X (cols, cols), the layer's input
-    second moments. Columns are rounded left to right on each group's grid, and each rounding error
-    is spread over the columns not yet rounded with the inverse Hessian (GPTQ, Frantar et al. 2022).
-    Each group's grid is the clipping search of `quantize` run on its columns as updated so far,
-    with scales and biases rounded to float16 as stored. Rows where this is not better on H than
+    second moments. Columns are rounded one by one, and each rounding error is spread over the
+    columns not yet rounded with the inverse Hessian (GPTQ, Frantar et al. 2022). With act_order
+    (the default) columns go in decreasing order of H's diagonal, on the grids `quantize`'s clipping
+    search picks; otherwise left to right, each group's grid searched on its columns as updated so
+    far. Scales and biases are rounded to float16 as stored. Rows where this is not better on H than
     `quantize`'s own rows keep those: never worse than uncalibrated on the calibration data.
     """
     if bits not in BITS or group_size not in GROUP_SIZES:
