@@ -35,8 +35,14 @@ def _cap_address_space(headroom: int) -> None:
 
 
 def _peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KB on Linux
+    """This process's own peak. On Linux, VmHWM: ru_maxrss survives fork and exec, so a driver started by a
+    pytest worker that already holds models (2.6 GB in a full run) would report the worker's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KB on Linux
 
 
 def main(jobs_file: str, results_file: str, start: int) -> None:
