@@ -69,22 +69,25 @@ def quantize(
     biases = np.empty((rows, groups), np.float32)
     step = max(1, CHUNK_VALUES // cols)
 
-    def chunks():
-        for i in range(0, rows, step):
-            # Convert per chunk, in this thread: bfloat16 mx arrays have no numpy form, and a
-            # float32 copy of a whole 27B-model matrix is not needed at once.
-            chunk = w[i : i + step]
-            chunk = np.array(chunk.astype(mx.float32)) if isinstance(chunk, mx.array) else chunk
-            yield i, np.asarray(chunk, np.float32).reshape(-1, groups, group_size)  # (R, G, g)
-
     def work(i, x):
+        x = x.reshape(-1, groups, group_size)  # (R, G, g)
         q, s, b = _rtn(x, n) if method == "rtn" else _search(x, n)
         packed[i : i + step] = pack(q.reshape(-1, cols), bits)
         scales[i : i + step], biases[i : i + step] = s[..., 0], b[..., 0]
 
-    _run_parallel(work, chunks())
+    _run_parallel(work, _row_chunks(w, step))
     out = (packed.reshape(*lead, -1), scales.reshape(*lead, groups), biases.reshape(*lead, groups))
     return tuple(mx.array(a) for a in out)
+
+
+def _row_chunks(w, step: int):
+    """(first row, float32 numpy rows) of a (rows, cols) matrix, `step` rows at a time. Converted per
+    chunk, in the caller's thread: bfloat16 mx arrays have no numpy form, and a float32 copy of a
+    whole 27B-model matrix is not needed at once."""
+    for i in range(0, w.shape[0], step):
+        chunk = w[i : i + step]
+        chunk = np.array(chunk.astype(mx.float32)) if isinstance(chunk, mx.array) else chunk
+        yield i, np.asarray(chunk, np.float32)  # (R, cols); never written to
 
 
 def _run_parallel(work, items, workers: int | None = None) -> None:
@@ -229,12 +232,6 @@ def quantize_gptq(
     biases = np.empty((rows, groups), np.float32)
     step = max(16, GPTQ_CHUNK_VALUES // cols)
 
-    def chunks():
-        for i in range(0, rows, step):
-            chunk = w[i : i + step]
-            chunk = np.array(chunk.astype(mx.float32)) if isinstance(chunk, mx.array) else chunk
-            yield i, np.array(chunk, np.float32)
-
     def work(i, x):
         q0, s0, b0 = _search(x.reshape(-1, groups, group_size), n)  # exactly what `quantize` stores
         q0, s0, b0 = q0.reshape(-1, cols), _f16(s0[..., 0]), _f16(b0[..., 0])
@@ -247,7 +244,7 @@ def quantize_gptq(
         packed[i : i + step] = pack(q, bits)
         scales[i : i + step], biases[i : i + step] = s, b
 
-    _run_parallel(work, chunks(), workers=1 if rows <= step else None)
+    _run_parallel(work, _row_chunks(w, step), workers=1 if rows <= step else None)
     return mx.array(packed), mx.array(scales), mx.array(biases)
 
 
