@@ -9,6 +9,7 @@ only on a terminal (and never with NO_COLOR set); `--quiet` keeps only the outpu
 from __future__ import annotations
 
 import os
+import signal
 import statistics
 import sys
 import warnings
@@ -20,6 +21,7 @@ import typer
 
 # The runtime is imported with the package (gemma3_mlx/__init__.py), so these cost nothing extra;
 # only the converter (gguf, ~80 ms) is imported inside the commands that use it.
+from .. import distributed
 from ..cache import kv_bytes
 from ..chat import ChatSession
 from ..generate import stream_generate
@@ -437,6 +439,8 @@ def serve(
     cache_gb: float = typer.Option(2.0, "--cache-gb", min=0.0, help="Memory for idle conversations' caches (LRU)."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the global KV cache to 4 or 8 bits."),
     cors: Optional[list[str]] = typer.Option(None, "--cors", help="Allow browser pages from this origin (repeatable)."),
+    parallel: Optional[str] = typer.Option(None, "--parallel", help="tensor or pipeline: one model across the "
+                                           "processes mlx.launch starts; rank 0 listens (see the README)."),
     quiet: bool = QuietOpt,
 ):
     """Serve a model over the OpenAI API (chat and text completions, streaming, images) on localhost.
@@ -451,16 +455,26 @@ def serve(
             fail(f"--host {host} listens beyond this machine: give --api-key too (or use 127.0.0.1)")
         if kv_bits is not None and kv_bits not in (4, 8):
             fail(f"--kv-bits must be 4 or 8 (got {kv_bits})")
-        sock = server.bind(host, port)  # before loading: a port in use fails at once
-        path = resolve_model(model)
-        model_obj, tokenizer = open_model(path)  # refuses a model this machine cannot hold
+        rank = distributed.rank_from_env() if parallel else 0
+        sock = server.bind(host, port) if rank == 0 else None  # before loading: a port in use fails at once
+        group = None
+        if parallel:
+            group, path, model_obj, tokenizer = open_parallel(model, parallel, resolve_model)
+        else:
+            path = resolve_model(model)
+            model_obj, tokenizer = open_model(path)  # refuses a model this machine cannot hold
         if tokenizer is None:
             fail("the model has no tokenizer.model")
+        settings = dict(max_batch=max_batch, max_queue=max_queue, cache_gb=cache_gb, kv_bits=kv_bits)
+        if rank != 0:  # rank 0 owns the port and decides; Ctrl-C reaches it, and it tells the others to stop
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            server.follow(model_obj, tokenizer, group, **settings)
+            return
         names = (path.name,) + ((model,) if model and model != path.name else ())
-        ready = lambda: note(f"serving {path.name} at http://{host}:{port}/v1 (Ctrl-C stops)")  # noqa: E731
-        server.serve(model_obj, tokenizer, names, host=host, port=port, api_key=api_key, cors=cors,
-                     max_batch=max_batch, max_queue=max_queue, cache_gb=cache_gb, kv_bits=kv_bits, sock=sock,
-                     on_ready=ready)
+        split = f" on {group.size()} ranks ({parallel} parallel)" if group is not None else ""
+        ready = lambda: note(f"serving {path.name}{split} at http://{host}:{port}/v1 (Ctrl-C stops)")  # noqa: E731
+        server.serve(model_obj, tokenizer, names, host=host, port=port, api_key=api_key, cors=cors, sock=sock,
+                     on_ready=ready, group=group, **settings)
 
 
 def main():

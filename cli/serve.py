@@ -304,14 +304,15 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(model, tokenizer, model_names: tuple[str, ...], *, host: str = "127.0.0.1", port: int = 8080,
           api_key: str | None = None, cors: list[str] | None = None, max_batch: int = 8, cache_gb: float = 2.0,
           kv_bits: int | None = None, max_queue: int = 64, max_body: int = MAX_BODY, log_level: str = "warning",
-          sock: socket.socket | None = None, on_ready=None) -> None:
+          sock: socket.socket | None = None, on_ready=None, group=None) -> None:
     """Serve until interrupted (blocks). Refuses a non-loopback host without an API key. `sock`: a socket
-    from `bind` (else one is bound to host:port here)."""
+    from `bind` (else one is bound to host:port here). `group`: the model is split across these ranks
+    (this is rank 0; every other rank runs `follow` with the same settings)."""
     if not is_loopback(host) and not api_key:
         raise ValueError(f"--host {host} listens beyond this machine: give --api-key too (or use 127.0.0.1)")
     sock = sock or bind(host, port)
     worker = Worker(model, tokenizer, max_batch=max_batch, cache_bytes=int(cache_gb * 2**30), kv_bits=kv_bits,
-                    max_queue=max_queue)
+                    max_queue=max_queue, group=group)
     worker.start()
     app = make_app(worker, model_names, api_key=api_key, cors=cors, max_body=max_body)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
@@ -323,6 +324,14 @@ def serve(model, tokenizer, model_names: tuple[str, ...], *, host: str = "127.0.
     finally:
         worker.stop()
         sock.close()
+
+
+def follow(model, tokenizer, group, *, max_batch: int = 8, cache_gb: float = 2.0, kv_bits: int | None = None,
+           max_queue: int = 64) -> None:
+    """A rank other than 0 of a split server: run rank 0's requests in step with it until it stops (blocks).
+    The settings must be rank 0's (the command lines are checked to be the same)."""
+    Worker(model, tokenizer, max_batch=max_batch, cache_bytes=int(cache_gb * 2**30), kv_bits=kv_bits,
+           max_queue=max_queue, group=group).follow()
 
 
 def _notify_when_started(server: uvicorn.Server, on_ready) -> None:

@@ -6,11 +6,19 @@ final, then ("done", finish_reason, usage) or ("error", status, message). Betwee
 takes new jobs (prompt building, the pool's cache for the conversation) and cancellations, so a
 disconnected client frees its row within one step. Stop strings are matched here, on the text, with
 the last few characters held back until they cannot start one. No HTTP here.
+
+Split across ranks (`gemma3 serve --parallel`), every rank runs a Worker and the same steps. Rank 0
+alone takes requests; each turn it posts what it took (requests, cancellations, stop) on a
+distributed.Channel and every rank, rank 0 included, acts on it the turn after, so every decision
+that follows (prompt building, the pool's choice of cache, stop strings, evictions) is made the
+same way on every rank from the same inputs. The others run `follow()` in their main thread.
 """
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 import queue
 import threading
 import time
@@ -19,12 +27,22 @@ from typing import Callable
 
 import mlx.core as mx
 
+from .. import distributed
 from ..cache_pool import CachePool
+from ..cache_pool import cache_bytes as _bytes_of
 from ..engine import STOP_IDS, Engine
 from ..errors import Gemma3Error
 from ..prompt import prompt_ids
 from ..sample import make_sampler
 from ..tokenizer import StreamingDetokenizer
+
+# Seconds an idle server split across ranks waits for a request before telling the other ranks "nothing".
+# MLX's ring backend spins a core while a collective waits, so after a few idle turns the other ranks
+# sleep through most of each tick: the first request after a pause waits up to IDLE_TICK - PACE_MARGIN
+# more; requests that follow each other closely wait for nothing.
+IDLE_TICK = 0.25
+PACE_MARGIN = 0.03
+PACE_AFTER = 4  # idle turns in a row before the other ranks start sleeping
 
 
 @dataclass
@@ -49,15 +67,42 @@ class Job:
     held: str = ""  # text not yet sent: it may be the start of a stop string
     done: bool = False
     cut: bool = False  # ended by a stop string: the text sent is not the tokens' whole text
+    number: int | None = None  # split across ranks: its place in rank 0's order, the same on every rank
+
+    def to_json(self) -> dict:
+        """The request, as rank 0 sends it to the other ranks."""
+        return {"messages": self.messages, "prompt": self.prompt, "max_tokens": self.max_tokens,
+                "images": [base64.b64encode(b).decode() for b in self.images], "sampling": self.sampling,
+                "stops": self.stops, "logprobs": self.logprobs}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Job":
+        """A request replayed on another rank: it answers nobody (rank 0 answers the client)."""
+        return cls(_nobody, messages=d["messages"], prompt=d["prompt"], max_tokens=d["max_tokens"],
+                   images=[base64.b64decode(b) for b in d["images"]], sampling=d["sampling"], stops=d["stops"],
+                   logprobs=d["logprobs"])
+
+
+def _nobody(item: tuple) -> None:
+    pass
 
 
 class Worker(threading.Thread):
+    """`group`: the ranks one model is split across (rank 0 takes requests; the others call follow())."""
+
     def __init__(self, model, tokenizer, *, max_batch: int = 8, cache_bytes: int = 2 << 30,
-                 kv_bits: int | None = None, max_queue: int = 64, prefill_chunk: int = 512):
+                 kv_bits: int | None = None, max_queue: int = 64, prefill_chunk: int = 512, group=None):
         super().__init__(name="gemma3-model", daemon=True)
         self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(model, max_batch=max_batch, prefill_chunk=prefill_chunk, kv_bits=kv_bits)
-        self.pool = CachePool(model, cache_bytes, **self.engine.cache_args)
+        self.group, self.rank = group, group.rank() if group is not None else 0
+        self.channel = distributed.Channel(group) if group is not None else None
+        measure = _bytes_of if group is None else self._largest_share
+        self.pool = CachePool(model, cache_bytes, measure=measure, **self.engine.cache_args)
+        self._numbers = itertools.count()
+        self._numbered: dict[int, Job] = {}  # split: live jobs by number (rank 0's own; replayed elsewhere)
+        self._posted: list[tuple[str, Job | None]] = []  # rank 0: what it posted this turn
+        self._quiet = 0  # idle turns in a row
         self.context = model.config.text.max_position_embeddings
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.jobs: dict[int, Job] = {}
@@ -94,31 +139,98 @@ class Worker(threading.Thread):
     # ------------------------------------------------------------------ the model thread
 
     def run(self) -> None:
-        while not self._stopping:
-            try:
-                self._take(block=not self.engine.has_work)
-                if self.engine.has_work:
-                    self._step()
-            except Exception as e:  # a bug must not kill the server: fail what runs, keep serving
-                self._fail_all(f"internal error: {type(e).__name__}: {e}")
-            self._measure()
-        self.engine.close()
-        self.stopped.set()
+        self._loop()
         # Park for good: when a thread that ran MLX ends, its thread-local compile cache is freed and
         # needs the GIL; if the interpreter is exiting by then, the process aborts ("terminate called
         # without an active exception", seen 1 run in 4). A parked daemon thread never ends.
         threading.Event().wait()
 
-    def _take(self, block: bool) -> None:
+    def follow(self) -> None:
+        """Ranks other than 0: replay rank 0's requests, step for step, until it stops (blocks)."""
+        if self.rank == 0:
+            raise RuntimeError("rank 0 takes the requests: start() its worker")
+        self._loop()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                self._turn()
+            except Exception as e:  # a bug must not kill the server: fail what runs, keep serving
+                self._fail_all(f"internal error: {type(e).__name__}: {e}")
+            self._measure()
+        self.engine.close()
+        self.stopped.set()
+
+    def _turn(self) -> None:
+        if self.channel is None:
+            self._apply(self._collect(block=not self.engine.has_work))
+        else:  # what rank 0 posted last turn, acted on by every rank; then this turn's post
+            self._apply(self._replay(self.channel.take()))
+            if self._stopping:
+                return
+            if self.rank == 0:
+                self._posted = self._collect(block=not self.engine.has_work)
+                self.channel.post(self._encode(self._posted) if self._posted else None)
+            else:
+                if self._quiet >= PACE_AFTER:  # rank 0 posts again in about IDLE_TICK: spin only near then
+                    time.sleep(IDLE_TICK - PACE_MARGIN)
+                self.channel.post(None)
+        if self.engine.has_work:
+            self._step()
+
+    def _collect(self, block: bool) -> list[tuple[str, Job | None]]:
+        """What the HTTP side sent (waiting a while for something when `block`), up to a stop."""
         try:
-            kind, job = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+            timeout = IDLE_TICK if self.channel is not None else 0.5
+            items = [self.inbox.get(timeout=timeout) if block else self.inbox.get_nowait()]
         except queue.Empty:
-            if block and self._used:  # idle for a while: give MLX's buffer cache back, so memory follows
-                mx.clear_cache()  # the pool's bound (not at once: it waits for the step queued ahead, GIL held)
-                self._used = False
+            return []
+        while items[-1][0] != "stop":
+            try:
+                items.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        if self.channel is not None:
+            for kind, job in items:
+                if kind == "submit":
+                    job.number = next(self._numbers)
+                    self._numbered[job.number] = job
+        return items
+
+    def _encode(self, items) -> bytes:
+        rows = [{"op": kind, "n": job.number if job is not None else None,
+                 **(job.to_json() if kind == "submit" else {})} for kind, job in items]
+        return json.dumps(rows).encode()
+
+    def _replay(self, data: bytes | None) -> list[tuple[str, Job | None]]:
+        """The items rank 0 posted: its own objects on rank 0, rebuilt from `data` elsewhere."""
+        if self.rank == 0:
+            items, self._posted = self._posted, []
+            return items
+        items = []
+        for row in json.loads(data) if data else ():
+            job = None
+            if row["op"] == "submit":
+                job = Job.from_json(row)
+                job.number = row["n"]
+                self._numbered[job.number] = job
+            elif row["op"] == "cancel":
+                job = self._numbered.get(row["n"])
+                if job is None:
+                    continue  # over already (the same on rank 0: its cancel finds no running job)
+            items.append((row["op"], job))
+        return items
+
+    def _apply(self, items: list[tuple[str, Job | None]]) -> None:
+        if not items:
+            if not self.engine.has_work:
+                self._quiet += 1
+                if self._used:  # idle for a while: give MLX's buffer cache back, so memory follows
+                    mx.clear_cache()  # the pool's bound (not at once: it waits for the step queued ahead)
+                    self._used = False
             return
-        self._used = True
-        while True:
+        self._used, self._quiet = True, 0
+        for kind, job in items:
             if kind == "stop":
                 self._stopping = True
                 return
@@ -126,10 +238,11 @@ class Worker(threading.Thread):
                 self._start(job)
             elif job.uid is not None and job.uid in self.jobs:
                 self.engine.cancel(job.uid)
-            try:
-                kind, job = self.inbox.get_nowait()
-            except queue.Empty:
-                return
+
+    def _largest_share(self, pc) -> int:
+        """Split across ranks: the pool counts the largest rank's bytes of a cache (the same number
+        everywhere, so every rank keeps and evicts the same conversations)."""
+        return max(row[0] for row in distributed.gather([_bytes_of(pc)], self.group))
 
     def _start(self, job: Job) -> None:
         try:
@@ -239,6 +352,7 @@ class Worker(threading.Thread):
 
     def _end(self, job: Job) -> None:
         job.done, job.cache = True, None  # the pool owns the cache now: an evicted one is freed at once
+        self._numbered.pop(job.number, None)
         with self._lock:
             self.pending -= 1
 

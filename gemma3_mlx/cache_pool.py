@@ -58,10 +58,12 @@ def kept_prefix(pc: PromptCache, ids: list[int]) -> int:
 
 
 class CachePool:
-    def __init__(self, model, max_bytes: int, *, reply_bytes: int = 32 << 20, **cache_args):
+    def __init__(self, model, max_bytes: int, *, reply_bytes: int = 32 << 20, measure=cache_bytes, **cache_args):
+        """`measure(cache) -> bytes`: what a cache counts against `max_bytes` (a server split across
+        ranks counts the largest rank's share, so every rank evicts the same caches)."""
         if max_bytes < 0:
             raise ValueError(f"the cache pool's size must be >= 0 (got {max_bytes})")
-        self.model, self.max_bytes, self.cache_args = model, max_bytes, cache_args
+        self.model, self.max_bytes, self.cache_args, self.measure = model, max_bytes, cache_args, measure
         self.idle: OrderedDict[int, tuple[PromptCache, int]] = OrderedDict()  # id -> (cache, bytes), LRU first
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
@@ -90,7 +92,7 @@ class CachePool:
         """Put a cache back (most recently used); drop the least recently used beyond `max_bytes`."""
         if not pc.tokens:
             return
-        size = cache_bytes(pc)
+        size = self.measure(pc)
         self.idle[id(pc)] = (pc, size)
         self.bytes += size
         while self.bytes > self.max_bytes and self.idle:

@@ -90,14 +90,49 @@ def init(timeout: float = TIMEOUT) -> mx.distributed.Group:
 
 def broadcast_text(text: str | None, group: mx.distributed.Group) -> str | None:
     """Rank 0's `text` (None included) on every rank; the other ranks pass anything."""
-    data = np.frombuffer(text.encode(), np.uint8) if group.rank() == 0 and text is not None else None
+    data = text.encode() if group.rank() == 0 and text is not None else None
     n = mx.distributed.all_sum(mx.array([-1 if data is None else len(data)] if group.rank() == 0 else [0]), group=group)
     n = n.item()
-    if n < 0:
-        return None
-    mine = mx.array(data.astype(np.int32)) if group.rank() == 0 else mx.zeros((n,), mx.int32)
-    got = mx.distributed.all_sum(mine, group=group) if n else mx.zeros((0,), mx.int32)
-    return np.array(got, dtype=np.uint8).tobytes().decode()
+    return None if n < 0 else _broadcast_bytes(data, n, group).decode()
+
+
+def _broadcast_bytes(data: bytes | None, n: int, group: mx.distributed.Group) -> bytes:
+    """Rank 0's `n` bytes on every rank (a sum where the others add zeros: uint8 cannot overflow)."""
+    if n == 0:
+        return b""
+    mine = mx.array(np.frombuffer(data, np.uint8)) if group.rank() == 0 else mx.zeros((n,), mx.uint8)
+    return np.array(mx.distributed.all_sum(mine, group=group), dtype=np.uint8).tobytes()
+
+
+class Channel:
+    """Messages from rank 0 to every rank, in lockstep with a decode loop that never waits on the host.
+
+    Every rank calls `post` then `take` once per turn of its loop, in the same order as its steps.
+    `post` queues only a small header (rank 0's message length) behind the step in flight, without
+    reading it; `take`, a turn later, reads it when it has long been computed, so a loop with nothing
+    to say costs one tiny all-reduce a turn and no stall. A message itself (rank 0's bytes) is sent
+    when taken, which waits once for the step in flight."""
+
+    def __init__(self, group: mx.distributed.Group):
+        self.group = group
+        self._header = None  # (1,) int32, lazy: the length rank 0 posted
+        self._data = None
+
+    def post(self, data: bytes | None) -> None:
+        if self._header is not None:
+            raise RuntimeError("post() twice without take()")
+        n = len(data) if self.group.rank() == 0 and data else 0
+        self._data = data if n else None
+        self._header = mx.distributed.all_sum(mx.array([n], mx.int32), group=self.group)
+        mx.async_eval(self._header)  # sent now, in step order on every rank
+
+    def take(self) -> bytes | None:
+        """Rank 0's bytes of the last `post` (None when it posted none, or nothing was posted)."""
+        if self._header is None:
+            return None
+        n, self._header = self._header.item(), None
+        data, self._data = self._data, None
+        return _broadcast_bytes(data, n, self.group) if n else None
 
 
 def gather(values: list[int], group: mx.distributed.Group) -> list[list[int]]:
@@ -172,5 +207,5 @@ def parameter_bytes(model) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
-__all__ = ["ClusterError", "TIMEOUT", "broadcast_text", "check_same", "deadline", "gather", "init", "load",
+__all__ = ["Channel", "ClusterError", "TIMEOUT", "broadcast_text", "check_same", "deadline", "gather", "init", "load",
            "memory_size", "parameter_bytes", "rank_from_env"]

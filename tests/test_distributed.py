@@ -8,6 +8,7 @@ them and writes a JSON file); the single-process references are computed here.
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -217,3 +218,123 @@ def test_ranks_with_different_models_fail_in_one_line(tiny, tmp_path):
     assert all(p.returncode != 0 for p in procs)
     assert outs[1] == ("", "")  # rank 1 says nothing: rank 0 speaks for the cluster
     assert outs[0][1].count("\n") == 1 and "the ranks do not agree on the model" in outs[0][1], outs[0][1]
+
+
+# ---------------------------------------------------------------------- gemma3 serve on two ranks
+
+def _serve(model_dir: Path, n: int, *extra: str):
+    """`gemma3 serve` alone (n=0) or on n local ranks; (process, port) once it answers /health. The
+    launcher's standard input is a pipe left open: at end of input mlx.launch spins a core."""
+    from test_server import free_port, wait_healthy
+
+    port = free_port()
+    cmd = ([*LAUNCH, "-n", str(n), "--"] if n else []) + [str(BIN / "gemma3"), "serve", "-m", str(model_dir),
+                                                          "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "NO_COLOR": "1"})
+    try:
+        wait_healthy(port, proc, timeout=240)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, port
+
+
+def _ctrl_c(proc) -> tuple[str, str]:
+    """Ctrl-C as a terminal sends it to the server (every rank; not to mlx.launch, whose own handling
+    is not ours to test); the output once everything exited."""
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    for pid in ranks or [str(proc.pid)]:
+        os.kill(int(pid), signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    return out, err, ranks
+
+
+def _conversation(port: int, name: str) -> list:
+    """Two turns past the window (the second from the pool's cache), three requests at once (one sampled,
+    one with logprobs), a client that leaves mid-stream, and one more request: what the server answered."""
+    import threading
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
+    out = []
+    messages = [{"role": "user", "content": "Tell me about the sea, the sky and the wind over the hills."}]
+    r = client.chat.completions.create(model=name, messages=messages, max_tokens=24, temperature=0)
+    out.append(("turn 1", r.choices[0].message.content, r.choices[0].finish_reason, r.usage.prompt_tokens))
+    messages += [{"role": "assistant", "content": r.choices[0].message.content},
+                 {"role": "user", "content": "And the mountains?"}]
+    text, usage = [], None
+    for chunk in client.chat.completions.create(model=name, messages=messages, max_tokens=24, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].delta.content:
+            text.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    out.append(("turn 2", "".join(text), usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens))
+
+    together = [None] * 3
+
+    def ask(i):
+        if i == 0:
+            c = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Count to ten."}],
+                                               max_tokens=16, temperature=0)
+            together[i] = c.choices[0].message.content
+        elif i == 1:
+            c = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "A poem?"}],
+                                               max_tokens=16, temperature=0.9, top_p=0.95, seed=7)
+            together[i] = c.choices[0].message.content
+        else:
+            c = client.completions.create(model=name, prompt="The capital of France is", max_tokens=8, logprobs=3,
+                                          temperature=0)
+            lp = c.choices[0].logprobs
+            together[i] = (c.choices[0].text, lp.tokens, lp.token_logprobs)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    out.append(("together", together[:2], together[2][:2]))
+    out.append(("logprobs", together[2][2]))
+
+    stream = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Go on and on."}],
+                                            max_tokens=200, temperature=0, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()  # the client leaves: every rank drops the row at the same step
+    try:  # refused by every rank alike (the prompt is past the context of 2048)
+        client.completions.create(model=name, prompt=" sea" * 2100, max_tokens=4)
+    except openai.BadRequestError as e:
+        out.append(("refused", e.status_code, "more than the model's context" in str(e)))
+    r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Last one."}],
+                                       max_tokens=12, temperature=0)
+    out.append(("after a disconnect", r.choices[0].message.content))
+    client.close()
+    return out
+
+
+def test_serve_on_two_ranks_answers_what_one_process_answers(default_model_dir, tmp_path):
+    from test_server import make_tiny
+
+    model_dir = make_tiny(default_model_dir / "tokenizer.model", tmp_path / "tiny-chat")  # window 32
+    answers = {}
+    for mode in ("one", "tensor", "pipeline"):
+        n = 0 if mode == "one" else 2
+        proc, port = _serve(model_dir, n, *(("--parallel", mode) if n else ()))
+        try:
+            answers[mode] = _conversation(port, model_dir.name)
+        finally:
+            out, err, ranks = _ctrl_c(proc)
+        assert "Traceback" not in err, err[-2000:]
+        if n:
+            assert len(ranks) == 2 and f"on 2 ranks ({mode} parallel)" in err and err.count("serving tiny-chat") == 1
+            left = subprocess.run(["ps", "-o", "pid=", "-p", ",".join(ranks)], capture_output=True, text=True)
+            assert left.stdout.strip() == "", f"ranks left running: {left.stdout}"
+    one = answers.pop("one")
+    print(*one, sep="\n")
+    assert one[1][3] > 0.9 * one[0][3] and one[4] == ("refused", 400, True)  # turn 2 reused turn 1's cache
+    lp1 = one.pop(3)[1]
+    for mode, got in answers.items():
+        assert np.allclose(got.pop(3)[1], lp1, atol=1e-4), mode
+        assert got == one, mode
