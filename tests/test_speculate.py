@@ -140,7 +140,7 @@ def test_accepted_tokens_follow_the_target_distribution(proposer):
 
 @pytest.mark.slow
 def test_270m_speculation_equals_plain_greedy(model_270m, default_model_dir):
-    """A 700-token prompt (past the 512-token window) and 160 greedy tokens on the real 270M (float32):
+    """A 700-token prompt (past the 512-token window) and 80 greedy tokens on the real 270M (float32):
     prompt lookup, and the 4-bit 270M (the default model's Q4_K_M weights) drafting for the float one:
     identical text."""
     model, tok = model_270m
@@ -148,9 +148,9 @@ def test_270m_speculation_equals_plain_greedy(model_270m, default_model_dir):
 
     prompt = tok.encode("Repeat the following text exactly.\n\n" + (TEXT + "\n\n") * 3)[:700]
     assert len(prompt) == 700
-    want = gemma3_mlx.generate(model, tok, prompt, max_tokens=160)
+    want = gemma3_mlx.generate(model, tok, prompt, max_tokens=80)
     for kw in ({"prompt_lookup": True}, {"draft_model": draft_model}):
-        pieces = list(gemma3_mlx.stream_generate(model, tok, prompt, max_tokens=160, **kw))
+        pieces = list(gemma3_mlx.stream_generate(model, tok, prompt, max_tokens=80, **kw))
         assert "".join(p.text for p in pieces) == want
         assert pieces[-1].stats.target_steps > 0
 
