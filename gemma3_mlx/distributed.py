@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten
 
 from .errors import Gemma3Error
 from .loader import load_config, load_model, load_tokenizer
+from .memory import gb, machine_memory, needs
 from .shard import Plan
 
 TIMEOUT = 20.0  # seconds for the group to form: ssh and Python start-up on the other Macs included
@@ -185,27 +186,40 @@ def check_same(group: mx.distributed.Group, **things) -> None:
 
 
 def memory_size() -> int:
-    """This machine's memory in bytes (the device's where MLX reports it, else the OS's)."""
-    info = mx.device_info() if hasattr(mx, "device_info") else {}
-    if "memory_size" in info:
-        return int(info["memory_size"])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """The bytes this machine can give a model (memory.machine_memory: GEMMA3_MLX_MEMORY overrides)."""
+    return machine_memory()
 
 
 def load(path, group: mx.distributed.Group, parallel: str, dtype=None, dequantize=None, weights=None):
     """(model, tokenizer) for this rank: `parallel` "tensor" or "pipeline"; each rank reads only its own
-    tensors (and slices) of the directory. `weights`: pipeline shares per rank (default: each rank's memory)."""
+    tensors (and slices) of the directory. `weights`: pipeline shares per rank (default: each rank's memory).
+    Raises ClusterError on every rank, before anything is read, when a rank lacks the memory for its share."""
     config = load_config(Path(path))
     if parallel == "pipeline" and weights is None:
         weights = [row[0] for row in gather([memory_size() // 2**20], group)]
     plan = Plan(config, group, parallel, weights)
+    check_fits(path, plan, dtype, dequantize)
     model = load_model(path, dtype, dequantize, config=config, plan=plan)
     return model, load_tokenizer(path, config=config)
+
+
+def check_fits(path, plan: Plan, dtype=None, dequantize=None) -> None:
+    """Raise ClusterError (the same on every rank: a collective) unless every rank has the memory to
+    load its share of the model: the whole model need not fit one machine, each share must fit its own."""
+    n = needs(path, dtype=dtype, dequantize=dequantize, config=plan.config, plan=plan)
+    rows = gather([n.to_load, machine_memory()], plan.group)
+    short = [(r, need, have) for r, (need, have) in enumerate(rows) if need > have]
+    if short:
+        r, need, have = short[0]
+        alone = needs(path, dtype=dtype, dequantize=dequantize, config=plan.config).to_load
+        raise ClusterError(f"rank {r} needs about {gb(need)} to load its share of {Path(path).name} "
+                           f"({gb(alone)} in all) and has {gb(have)}: add ranks, give the larger machines more "
+                           f"layers (--parallel pipeline), or choose a more quantized model")
 
 
 def parameter_bytes(model) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
-__all__ = ["Channel", "ClusterError", "TIMEOUT", "broadcast_text", "check_same", "deadline", "gather", "init", "load",
-           "memory_size", "parameter_bytes", "rank_from_env"]
+__all__ = ["Channel", "ClusterError", "TIMEOUT", "broadcast_text", "check_fits", "check_same", "deadline", "gather", "init",
+           "load", "memory_size", "parameter_bytes", "rank_from_env"]

@@ -55,8 +55,9 @@ class Needs:
 
 
 def needs(path: str | Path, context: int = 8192, kv_bits: int | None = None, dtype: mx.Dtype | None = None,
-          dequantize: bool | None = None, config: ModelConfig | None = None) -> Needs:
-    """Memory `load(path)` and a generation of `context` tokens need, from the files' headers alone."""
+          dequantize: bool | None = None, config: ModelConfig | None = None, plan=None) -> Needs:
+    """Memory `load(path)` and a generation of `context` tokens need, from the files' headers alone.
+    `plan`: a shard.Plan: the weights of that rank's share (the KV cache is still the whole model's)."""
     path = Path(path)
     config = config or load_config(path)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype())
@@ -72,25 +73,28 @@ def needs(path: str | Path, context: int = 8192, kv_bits: int | None = None, dty
         files = checkpoint_files(path)
     except ModelFileError:  # a config.json alone (a hub id described without downloading it)
         return Needs(_from_config(config, size, expand), kv, act, context, dtype, expand)
-    return Needs(_from_headers(files, config, size, expand), kv, act, context, dtype, expand)
+    return Needs(_from_headers(files, config, size, expand, plan), kv, act, context, dtype, expand)
 
 
-def _from_headers(files: list[Path], config: ModelConfig, size: int, expand: bool) -> int:
+def _from_headers(files: list[Path], config: ModelConfig, size: int, expand: bool, plan=None) -> int:
     shapes = {k: (f.shape(k), f.dtype(k)) for f in map(SafetensorsFile, files) for k in f.names
               if sanitize_name(k) is not None or (config.vision is not None and vision_name(k) is not None)}
     total = 0
     for k, (shape, kind) in shapes.items():
-        n = _count(shape)
-        floating = kind in ("F32", "F16", "BF16", "F64")
-        to = 4 if config.vision is not None and vision_name(k) is not None else size  # the tower runs in float32
-        module = k.rsplit(".", 1)[0]
-        quantized = f"{module}.scales" in shapes
-        if expand and quantized:
-            if k.endswith(".weight"):  # packed uint32 -> scales' groups x group size values
-                total += _count(shapes[f"{module}.scales"][0]) * _group_size(config.quantization, module) * to
-        else:
-            total += n * (to if floating else _SIZES[kind])
+        n = _tensor_bytes(k, shape, kind, shapes, config, size, expand)
+        total += n if plan is None else int(n * plan.share(sanitize_name(k) or vision_name(k), shape))
     return total
+
+
+def _tensor_bytes(k: str, shape, kind: str, shapes: dict, config: ModelConfig, size: int, expand: bool) -> int:
+    """What checkpoint tensor `k` takes once loaded."""
+    to = 4 if config.vision is not None and vision_name(k) is not None else size  # the tower runs in float32
+    module = k.rsplit(".", 1)[0]
+    if expand and f"{module}.scales" in shapes:  # quantized, expanded: the packed weight becomes
+        if k.endswith(".weight"):  # scales' groups x group size values; scales and biases go
+            return _count(shapes[f"{module}.scales"][0]) * _group_size(config.quantization, module) * to
+        return 0
+    return _count(shape) * (to if kind in ("F32", "F16", "BF16", "F64") else _SIZES[kind])
 
 
 def _from_config(config: ModelConfig, size: int, expand: bool) -> int:

@@ -259,29 +259,40 @@ class Plan:
 
     def take(self, name: str, w: mx.array) -> mx.array:
         """This rank's part of `w`: a slice for tensor parallel, all of it for a pipeline."""
-        if self.mode != "tensor":
+        cut = self._cut(name, w.shape)
+        if cut is None:
             return w
+        axis, lo, hi = cut
+        index = [slice(None)] * w.ndim
+        index[axis] = slice(lo, hi)
+        return mx.contiguous(w[tuple(index)])  # a copy once evaluated: the whole tensor is not kept
+
+    def share(self, name: str, shape) -> float:
+        """The fraction of tensor `name` (of `shape`) this rank holds: 0 when it does not read it."""
+        if not self.keep(name):
+            return 0.0
+        cut = self._cut(name, shape)
+        return 1.0 if cut is None else (cut[2] - cut[1]) / int(shape[cut[0]])
+
+    def _cut(self, name: str, shape) -> tuple[int, int, int] | None:
+        """(axis, start, end) of this rank's slice of a tensor; None: it holds all of it."""
+        if self.mode != "tensor":
+            return None
         N, r, t = self.group.size(), self.group.rank(), self.config.text
-        axis = None
         m = _LAYER.match(name)
-        if name.startswith("model.embed_tokens."):
-            axis = 0
-        elif m and m.group(3) in _ROWS:
+        if name.startswith("model.embed_tokens.") or (m and m.group(3) in _ROWS):
             axis = 0
         elif m and m.group(3) in _COLS and m.group(4) != "bias":
-            axis = w.ndim - 1
+            axis = len(shape) - 1
         elif m and m.group(3) in ("k_proj", "v_proj"):
-            if t.num_key_value_heads % N == 0:
-                axis = 0
-            else:
+            if t.num_key_value_heads % N:  # replicated heads: this rank's own
                 lo, hi = kv_heads(t.num_attention_heads, t.num_key_value_heads, r, N)
-                return mx.contiguous(w[lo * t.head_dim : hi * t.head_dim])
-        if axis is None:
-            return w
-        n = w.shape[axis] // N
-        index = [slice(None)] * w.ndim
-        index[axis] = slice(r * n, (r + 1) * n)
-        return mx.contiguous(w[tuple(index)])  # a copy once evaluated: the whole tensor is not kept
+                return 0, lo * t.head_dim, hi * t.head_dim
+            axis = 0
+        else:
+            return None
+        n = int(shape[axis]) // N
+        return axis, r * n, (r + 1) * n
 
     def apply(self, model, quantize=None) -> None:
         """Split a freshly built `model`, after `quantize(model)` swapped in the quantized layers the

@@ -29,7 +29,8 @@ from gemma3_mlx.chat import ChatSession
 from gemma3_mlx.config import ModelConfig
 from gemma3_mlx.generate import stream_generate
 from gemma3_mlx.model import Model
-from gemma3_mlx.shard import kv_heads, split_layers, traffic
+from gemma3_mlx.memory import needs
+from gemma3_mlx.shard import Plan, kv_heads, split_layers, traffic
 
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
@@ -84,6 +85,19 @@ def launch(n: int, cases: list, tmp: Path, timeout: int = 400) -> list:
     return json.loads(out.read_text())
 
 
+class OneRank:
+    """What a shard.Plan asks of a group, for rank `r` of `n` (no processes)."""
+
+    def __init__(self, r: int, n: int):
+        self.r, self.n = r, n
+
+    def rank(self) -> int:
+        return self.r
+
+    def size(self) -> int:
+        return self.n
+
+
 def param_bytes(model, pattern: str) -> int:
     return sum(v.nbytes for k, v in tree_flatten(model.parameters()) if re.search(pattern, k))
 
@@ -95,6 +109,10 @@ def check(case: dict, got: dict, n: int, model=None) -> None:
     ref = run_case(model, case)
     assert got["tokens"] == ref["tokens"], case
     t = model.config.text
+    for r in range(n):  # the fit check's arithmetic, from the headers alone, is what each rank loaded
+        plan = Plan(model.config, OneRank(r, n), case["mode"], case.get("weights"))
+        want = needs(case["dir"], dtype=mx.float32, dequantize=case.get("dequantize"), config=model.config, plan=plan)
+        assert want.weights == got["params"][r], (case, r)
     total = param_bytes(model, ".")
     vision = param_bytes(model, "^(vision_tower|multi_modal_projector)")
     print(f"{Path(case['dir']).name} {case['mode']} x{n}: parameters {total} -> {got['params']}, "
@@ -178,8 +196,12 @@ def test_chat_on_two_ranks_prints_what_one_process_prints(model_270m_dir, model_
 def test_generate_on_two_ranks_reports_each_ranks_bytes(model_270m_dir, model_270m):
     prompt = "The capital of France is"
     pieces = list(stream_generate(*model_270m, prompt, max_tokens=4))  # what `gemma3 generate --raw` alone prints
+    # 1000 MB a machine: the float32 270M (1.28 GB to load) does not fit one, its halves (0.76 GB) fit two
+    small = {"GEMMA3_MLX_MEMORY": "1000M"}
+    alone = gemma3("generate", "--raw", "-m", str(model_270m_dir), "-n", "4", prompt, env=small)
+    assert alone.returncode == 1 and "needs about 1.28 GB to load" in alone.stderr, alone.stderr
     split = gemma3("generate", "--raw", "-m", str(model_270m_dir), "-n", "4", "--stats", "--parallel", "tensor",
-                   prompt, n=2)
+                   prompt, n=2, env=small)
     assert split.returncode == 0, split.stderr[-2000:]
     assert split.stdout == "".join(r.text for r in pieces) + "\n"
     ranks = re.findall(r"rank (\d): parameters ([\d.]+) MB, KV cache ([\d.]+) MB", split.stderr)
@@ -188,6 +210,12 @@ def test_generate_on_two_ranks_reports_each_ranks_bytes(model_270m_dir, model_27
     single_kv = pieces[-1].kv_bytes / 1e6
     for _, params, kv in ranks:  # float32 270M: 1,072 MB alone; the 262K embedding and the MLP split in two
         assert float(params) < 0.55 * 1072 and abs(float(kv) - single_kv) < 0.1  # one KV head: replicated
+    # 600 MB a machine: not even half fits; rank 0 says so in one line, before anything is read
+    short = gemma3("generate", "--raw", "-m", str(model_270m_dir), "--parallel", "tensor", prompt, n=2,
+                   env={"GEMMA3_MLX_MEMORY": "600M"})
+    line = [x for x in short.stderr.splitlines() if x.startswith("error:")]
+    assert short.stdout == "" and len(line) == 1, short.stderr  # (mlx.launch itself exits 0 when a rank fails)
+    assert "rank 0 needs about 0.76 GB to load its share of gemma-3-270m-f32 (1.28 GB in all) and has 0.63 GB" in line[0]
 
 
 def test_a_rank_that_never_comes_fails_in_one_line(tmp_path):
