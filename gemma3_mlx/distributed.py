@@ -212,8 +212,8 @@ def check_fits(path, plan: Plan, dtype=None, dequantize=None) -> None:
     if short:
         r, need, have = short[0]
         alone = needs(path, dtype=dtype, dequantize=dequantize, config=plan.config).to_load
-        raise ClusterError(f"rank {r} needs about {gb(need)} to load its share of {Path(path).name} "
-                           f"({gb(alone)} in all) and has {gb(have)}: add ranks, give the larger machines more "
+        raise ClusterError(f"rank {r} needs about {gb(need)} to load its share of the model ({gb(alone)} in all) "
+                           f"and has {gb(have)}: add ranks, give the larger machines more "
                            f"layers (--parallel pipeline), or choose a more quantized model")
 
 
