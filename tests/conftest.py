@@ -8,6 +8,16 @@ import gemma3_mlx  # noqa: F401  first, so OpenBLAS is loaded before any test im
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+# The files that take longest (seconds of one full run on 2 busy cores), handed out first: the two
+# workers take a file at a time, so the long ones start together and the short ones fill in the end.
+SLOW_FIRST = ["test_long_context.py", "test_speculate.py", "test_convert.py", "test_readme.py", "test_cli.py",
+              "test_distributed.py", "test_chat.py", "test_examples.py", "test_memory.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: each file keeps its order
+
 
 @pytest.fixture(scope="session")
 def gguf_270m(tmp_path_factory) -> Path:

@@ -513,3 +513,17 @@ def test_cache_pool_lends_a_conversation_back_and_evicts_by_bytes(tiny):
     assert len(pool) == 0 and pool.bytes == 0 and pool.evictions == 2
     pool.remember("  Hello there. ", [9259, 1003])
     assert pool.reply_ids("Hello there.") == [9259, 1003] and pool.reply_ids("Hello") is None
+
+
+def test_a_request_reaches_the_other_ranks_whole():
+    """Split across ranks, rank 0 sends each request as JSON: images (any bytes), seeds past 2**63, stops."""
+    from gemma3_mlx.cli.serve_worker import Job
+
+    job = Job(print, messages=[{"role": "user", "content": "Look: \x00<image> and é"}], images=[bytes(range(256)), b""],
+              max_tokens=7, sampling={"temp": 0.7, "top_p": 0.9, "seed": 2**64 - 1}, stops=["\n\n", "END"], logprobs=3)
+    again = Job.from_json(json.loads(json.dumps(job.to_json())))
+    for f in ("messages", "prompt", "images", "max_tokens", "sampling", "stops", "logprobs"):
+        assert getattr(again, f) == getattr(job, f), f
+    assert again.send(("delta", "x", None)) is None  # another rank's copy answers nobody
+    ids = Job.from_json(json.loads(json.dumps(Job(print, prompt=[2, 651, 6037]).to_json())))
+    assert ids.prompt == [2, 651, 6037] and ids.messages is None
