@@ -5,6 +5,7 @@ Every configuration runs inside one launch per group size (tests/distributed_wor
 them and writes a JSON file); the single-process references are computed here.
 """
 
+import base64
 import json
 import os
 import re
@@ -326,6 +327,15 @@ def _conversation(port: int, name: str) -> list:
     out.append(("together", together[:2], together[2][:2]))
     out.append(("logprobs", together[2][2]))
 
+    png = "data:image/png;base64," + base64.b64encode((ROOT / "tests/fixtures/images/wide.png").read_bytes()).decode()
+    r = client.chat.completions.create(model=name, max_tokens=12, temperature=0, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": png}}]}])
+    out.append(("an image", r.choices[0].message.content, r.usage.prompt_tokens))
+    try:  # an image that does not decode: refused by every rank alike
+        client.chat.completions.create(model=name, max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+    except openai.BadRequestError as e:
+        out.append(("not an image", e.status_code))
     stream = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Go on and on."}],
                                             max_tokens=200, temperature=0, stream=True)
     for i, _ in enumerate(stream):
@@ -344,9 +354,11 @@ def _conversation(port: int, name: str) -> list:
 
 
 def test_serve_on_two_ranks_answers_what_one_process_answers(default_model_dir, tmp_path):
+    from conftest import give_eyes
     from test_server import make_tiny
 
-    model_dir = make_tiny(default_model_dir / "tokenizer.model", tmp_path / "tiny-chat")  # window 32
+    text = make_tiny(default_model_dir / "tokenizer.model", tmp_path / "tiny-chat")  # window 32
+    model_dir = give_eyes(text, tmp_path / "tiny-eyes")  # with the tiny SigLIP tower: images travel too
     answers = {}
     for mode in ("one", "tensor", "pipeline"):
         n = 0 if mode == "one" else 2
@@ -357,12 +369,13 @@ def test_serve_on_two_ranks_answers_what_one_process_answers(default_model_dir, 
             out, err, ranks = _ctrl_c(proc)
         assert "Traceback" not in err, err[-2000:]
         if n:
-            assert len(ranks) == 2 and f"on 2 ranks ({mode} parallel)" in err and err.count("serving tiny-chat") == 1
+            assert len(ranks) == 2 and f"on 2 ranks ({mode} parallel)" in err and err.count("serving tiny-eyes") == 1
             left = subprocess.run(["ps", "-o", "pid=", "-p", ",".join(ranks)], capture_output=True, text=True)
             assert left.stdout.strip() == "", f"ranks left running: {left.stdout}"
     one = answers.pop("one")
     print(*one, sep="\n")
-    assert one[1][3] > 0.9 * one[0][3] and one[4] == ("refused", 400, True)  # turn 2 reused turn 1's cache
+    assert one[1][3] > 0.9 * one[0][3]  # turn 2 reused turn 1's cache
+    assert one[4][1] and one[5] == ("not an image", 400) and one[6] == ("refused", 400, True)
     lp1 = one.pop(3)[1]
     for mode, got in answers.items():
         assert np.allclose(got.pop(3)[1], lp1, atol=1e-4), mode
