@@ -31,6 +31,7 @@ from ..memory import DoesNotFit, describe, ensure_fits, gb, machine_memory, need
 from ..errors import Gemma3Error
 from ..models import DEFAULT_MODEL, damaged, list_models, looks_like_hub_id, models_dir, remove, resolve
 from ..prompt_cache import PromptCache
+from ..shard import OnPaper, Plan
 from . import chat as chat_loop
 from .parallel import open_parallel, quiet_other_ranks, read_on_rank0, report_ranks, shared_stdin
 from .ui import App, Progress, QuietOpt, UI, _warn, fail, note, set_quiet, speculation, status, user_errors
@@ -281,9 +282,13 @@ def rm(name: str = typer.Argument(..., help="A converted model's name, as `gemma
 def info(model: Optional[str] = typer.Argument(None, help="Model directory, .gguf file, converted model name or hub id "
                                                         "(default: Gemma 3 270M)."),
          context: int = typer.Option(8192, "--context", min=1, help="Context for the memory needed to run."),
-         kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Global KV cache at 4 or 8 bits (default: 16).")):
+         kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Global KV cache at 4 or 8 bits (default: 16)."),
+         ranks: int = typer.Option(1, "--ranks", min=1, max=64, help="Also show what each of this many machines holds "
+                                   "when the model is split across them (--parallel)."),
+         parallel: str = typer.Option("tensor", "--parallel", help="With --ranks: tensor or pipeline (layers split "
+                                      "evenly).")):
     """Show a model's configuration, layer kinds, quantization, size, KV-cache memory, and the memory it needs
-    on this machine to load and to run at --context.
+    on this machine to load and to run at --context; with --ranks N, what each of N machines needs.
 
     A hub id not converted yet is described from its config.json alone (a few KB): nothing else is fetched.
 
@@ -317,6 +322,16 @@ def info(model: Optional[str] = typer.Argument(None, help="Model directory, .ggu
                    f"activations {gb(n.activations)})")
         verdict = "fits" if n.to_run <= have else "loads, but not at this context" if n.to_load <= have else "does not fit"
         typer.echo(f"this machine    {gb(have)}: {verdict}")
+        if ranks > 1:
+            if parallel not in ("tensor", "pipeline"):
+                fail(f"--parallel must be tensor or pipeline (got {parallel})")
+            typer.echo(f"{f'on {ranks} ranks':16s}{parallel} parallel: what each machine needs (mlx.launch ... "
+                       f"--parallel {parallel})")
+            for r in range(ranks):
+                share = needs(path, context=context, kv_bits=kv_bits, config=c,
+                              plan=Plan(c, OnPaper(r, ranks), parallel))
+                typer.echo(f"{f'  rank {r}':16s}to load {gb(share.to_load)}, to run {gb(share.to_run)} "
+                           f"(weights {gb(share.weights)}, KV {gb(share.kv)})")
 
 
 @app.command()

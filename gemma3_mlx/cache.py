@@ -367,18 +367,21 @@ def _head(a, n: int):
 
 
 def kv_bytes(config, context: int, *, bytes_per_value: float = 2, kv_bits: int | None = None,
-             group_size: int = 64, full: bool = False, rollback: int = ROLLBACK) -> int:
+             group_size: int = 64, full: bool = False, rollback: int = ROLLBACK, layers=None,
+             kv_heads: int | None = None) -> int:
     """KV-cache bytes a text config needs at `context` tokens (batch 1).
 
     full=True: every layer keeps the whole context (what runtimes without window caches do).
     Otherwise local layers hold window-1+rollback tokens; with kv_bits the global layers are
-    quantized (plus a 16-bit scale and bias per group)."""
+    quantized (plus a 16-bit scale and bias per group). `layers`, `kv_heads`: only those layers
+    and that many KV heads each (one rank's share)."""
     t = config.text if hasattr(config, "text") else config
-    per_token_values = 2 * t.num_key_value_heads * t.head_dim
-    n_local = sum(t.is_local)
-    n_global = len(t.is_local) - n_local
+    per_token_values = 2 * (t.num_key_value_heads if kv_heads is None else kv_heads) * t.head_dim
+    kinds = [t.is_local[i] for i in (range(len(t.is_local)) if layers is None else layers)]
+    n_local = sum(kinds)
+    n_global = len(kinds) - n_local
     if full:
-        return int(len(t.is_local) * context * per_token_values * bytes_per_value)
+        return int(len(kinds) * context * per_token_values * bytes_per_value)
     local = n_local * min(context, t.sliding_window - 1 + rollback) * per_token_values * bytes_per_value
     if kv_bits:
         glob = n_global * context * per_token_values * (kv_bits / 8 + 4 / group_size)

@@ -57,14 +57,15 @@ class Needs:
 def needs(path: str | Path, context: int = 8192, kv_bits: int | None = None, dtype: mx.Dtype | None = None,
           dequantize: bool | None = None, config: ModelConfig | None = None, plan=None) -> Needs:
     """Memory `load(path)` and a generation of `context` tokens need, from the files' headers alone.
-    `plan`: a shard.Plan: the weights of that rank's share (the KV cache is still the whole model's)."""
+    `plan`: a shard.Plan: that rank's share of the weights and of the KV cache (activations as alone)."""
     path = Path(path)
     config = config or load_config(path)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype())
     expand = bool(config.quantization) and (mx.default_device() == mx.cpu if dequantize is None else dequantize)
     size = mx.float32.size if dtype == mx.float32 else 2
     t = config.text
-    kv = kv_bytes(config, context, bytes_per_value=size, kv_bits=kv_bits)
+    share = {} if plan is None else {"layers": plan.layers, "kv_heads": plan.kv_heads}
+    kv = kv_bytes(config, context, bytes_per_value=size, kv_bits=kv_bits, **share)
     chunk = min(context, PREFILL_CHUNK)
     # Attention scores of a global layer over the whole context, or the MLP's three intermediates.
     act = max(t.num_attention_heads * chunk * context * 4, 3 * chunk * t.intermediate_size * size)
@@ -72,7 +73,7 @@ def needs(path: str | Path, context: int = 8192, kv_bits: int | None = None, dty
     try:
         files = checkpoint_files(path)
     except ModelFileError:  # a config.json alone (a hub id described without downloading it)
-        return Needs(_from_config(config, size, expand), kv, act, context, dtype, expand)
+        return Needs(_from_config(config, size, expand, plan), kv, act, context, dtype, expand)
     return Needs(_from_headers(files, config, size, expand, plan), kv, act, context, dtype, expand)
 
 
@@ -97,18 +98,36 @@ def _tensor_bytes(k: str, shape, kind: str, shapes: dict, config: ModelConfig, s
     return _count(shape) * (to if kind in ("F32", "F16", "BF16", "F64") else _SIZES[kind])
 
 
-def _from_config(config: ModelConfig, size: int, expand: bool) -> int:
+def _from_config(config: ModelConfig, size: int, expand: bool, plan=None) -> int:
     """The text model's bytes from the shapes its config implies (the vision tower left out)."""
-    t = config.text
-    D, hd, I = t.hidden_size, t.head_dim, t.intermediate_size
-    matrices = t.vocab_size * D + t.num_hidden_layers * (
-        2 * D * t.num_attention_heads * hd + 2 * D * t.num_key_value_heads * hd + 3 * D * I)
-    vectors = t.num_hidden_layers * (4 * D + 2 * hd) + D
     q = config.quantization
-    if q and not expand:  # packed values plus a scale and a bias per group, in the compute dtype
-        per = int(q.get("bits", 4)) / 8 + 2 * size / int(q.get("group_size", 64))
-        return int(matrices * per) + vectors * size
-    return (matrices + vectors) * size
+    # packed values plus a scale and a bias per group, in the compute dtype
+    per = int(q.get("bits", 4)) / 8 + 2 * size / int(q.get("group_size", 64)) if q and not expand else size
+    total = 0.0
+    for name, shape in config_tensors(config):
+        share = 1.0 if plan is None else plan.share(name, shape)
+        total += _count(shape) * (per if len(shape) == 2 else size) * share
+    return int(total)
+
+
+def config_tensors(config: ModelConfig):
+    """(MLX name, shape) of each text-model weight a config implies, as a checkpoint would hold them."""
+    t = config.text
+    D, hd, I, H, KV = t.hidden_size, t.head_dim, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads
+    yield "model.embed_tokens.weight", (t.vocab_size, D)
+    for i in range(t.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for proj, shape in (("q_proj", (H * hd, D)), ("k_proj", (KV * hd, D)), ("v_proj", (KV * hd, D)),
+                            ("o_proj", (D, H * hd))):
+            yield f"{p}self_attn.{proj}.weight", shape
+        for proj, shape in (("gate_proj", (I, D)), ("up_proj", (I, D)), ("down_proj", (D, I))):
+            yield f"{p}mlp.{proj}.weight", shape
+        for norm in ("q_norm", "k_norm"):
+            yield f"{p}self_attn.{norm}.weight", (hd,)
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            yield f"{p}{norm}.weight", (D,)
+    yield "model.norm.weight", (D,)
 
 
 def _count(shape) -> int:

@@ -222,6 +222,19 @@ _ROWS = {"q_proj", "gate_proj", "up_proj"}  # all-to-sharded: output rows split
 _COLS = {"o_proj", "down_proj"}  # sharded-to-all: inputs (columns) split
 
 
+class OnPaper:
+    """Rank `rank` of `size`, for a Plan's arithmetic alone (what each rank would hold): no processes."""
+
+    def __init__(self, rank: int, size: int):
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
 class Plan:
     """Which checkpoint tensors a rank reads, and which slice of each, for `mode` "tensor" or
     "pipeline" (`weights` as in `pipeline`). `keep(name)` before reading, `take(name, w)` on the lazily
@@ -234,7 +247,10 @@ class Plan:
         self.config, self.group, self.mode, self.weights = config, group, mode, weights
         N, r = group.size(), group.rank()
         t = config.text
+        self.kv_heads = t.num_key_value_heads  # KV heads a layer of this rank holds
         if mode == "tensor":
+            lo, hi = kv_heads(t.num_attention_heads, t.num_key_value_heads, r, N)
+            self.kv_heads = hi - lo
             q = config.quantization or {}
             groups = {int(v["group_size"]) for v in [q, *q.values()] if isinstance(v, dict) and "group_size" in v}
             check_tensor(t, N, groups)
@@ -305,5 +321,5 @@ class Plan:
             model.pipeline(self.group, self.weights)
 
 
-__all__ = ["Plan", "Stage", "VocabShardedEmbedding", "agree", "kv_heads", "pipeline", "shard_tensor", "split_layers",
+__all__ = ["OnPaper", "Plan", "Stage", "VocabShardedEmbedding", "agree", "kv_heads", "pipeline", "shard_tensor", "split_layers",
            "traffic"]

@@ -201,3 +201,47 @@ def test_info_prints_memory_to_load_and_run(model_270m_dir, monkeypatch):
     assert lines["memory to load"].startswith(f"{n.to_load / 1e9:.2f} GB")
     assert lines["memory to run"].startswith(f"{n.to_run / 1e9:.2f} GB at 32768 tokens")
     assert lines["this machine"] == "1.40 GB: loads, but not at this context"
+
+
+def test_each_ranks_share_from_headers_or_from_the_config_alone(tmp_path):
+    """What each of N machines holds: the same from a directory's headers and from its config.json alone,
+    the shares add up, and the README's 27B figures (4-bit g64) come out of it."""
+    from gemma3_mlx.cache import kv_bytes
+    from gemma3_mlx.config import ModelConfig
+    from gemma3_mlx.shard import OnPaper, Plan
+
+    (tmp_path / "config.json").write_text((FIXTURES / "tiny_v5" / "config.json").read_text())
+    config = ModelConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
+    whole = needs(FIXTURES / "tiny_v5", dtype=mx.float32, context=64)
+    for mode in ("tensor", "pipeline"):
+        shares = []
+        for r in range(2):
+            plan = Plan(config, OnPaper(r, 2), mode)
+            files = needs(FIXTURES / "tiny_v5", dtype=mx.float32, context=64, plan=plan)
+            alone = needs(tmp_path, dtype=mx.float32, context=64, plan=plan)
+            assert files.weights == alone.weights and files.kv == alone.kv
+            shares.append(files)
+        norms = 4 * (8 * (4 * 64 + 2 * 32) + 64)  # replicated under tensor parallel
+        embed = 4 * (384 * 64 + 64)  # the embedding and the final norm: held by both ends of a pipeline
+        assert sum(s.weights for s in shares) == whole.weights + (norms if mode == "tensor" else embed)
+        assert sum(s.kv for s in shares) == whole.kv  # 2 KV heads: split; or layers: split
+    d27 = {"model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 5376, "intermediate_size": 21504,
+           "num_hidden_layers": 62, "num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 128,
+           "query_pre_attn_scalar": 168, "sliding_window": 1024, "quantization": {"group_size": 64, "bits": 4}}
+    (tmp_path / "config.json").write_text(json.dumps(d27))
+    c27 = ModelConfig.from_dict(d27)
+    n = [needs(tmp_path, dtype=mx.bfloat16, dequantize=False, context=32768, plan=Plan(c27, OnPaper(r, 2), "tensor"))
+         for r in range(2)]
+    assert [round(x.weights / 1e9, 2) for x in n] == [7.60, 7.60]
+    assert [round(x.kv / 2**30, 2) for x in n] == [1.45, 1.45] and round(kv_bytes(c27, 32768) / 2**30, 2) == 2.91
+
+
+def test_info_shows_each_ranks_share(model_270m_dir):
+    from gemma3_mlx.cli.main import app
+
+    r = CliRunner().invoke(app, ["info", str(model_270m_dir), "--ranks", "2"])
+    assert r.exit_code == 0, r.output
+    assert "on 2 ranks      tensor parallel" in r.output
+    assert r.output.count("to load 0.76 GB, to run 0.89 GB (weights 0.55 GB, KV 0.07 GB)") == 2  # 548.1 MB loaded
+    r = CliRunner().invoke(app, ["info", str(model_270m_dir), "--ranks", "3"])
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1].startswith("error: tensor parallel over 3 ranks")
