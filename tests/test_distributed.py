@@ -31,7 +31,7 @@ from gemma3_mlx.config import ModelConfig
 from gemma3_mlx.generate import stream_generate
 from gemma3_mlx.model import Model
 from gemma3_mlx.memory import needs
-from gemma3_mlx.shard import Plan, kv_heads, split_layers, traffic
+from gemma3_mlx.shard import OnPaper, Plan, kv_heads, split_layers, traffic
 
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
@@ -86,19 +86,6 @@ def launch(n: int, cases: list, tmp: Path, timeout: int = 400) -> list:
     return json.loads(out.read_text())
 
 
-class OneRank:
-    """What a shard.Plan asks of a group, for rank `r` of `n` (no processes)."""
-
-    def __init__(self, r: int, n: int):
-        self.r, self.n = r, n
-
-    def rank(self) -> int:
-        return self.r
-
-    def size(self) -> int:
-        return self.n
-
-
 def param_bytes(model, pattern: str) -> int:
     return sum(v.nbytes for k, v in tree_flatten(model.parameters()) if re.search(pattern, k))
 
@@ -111,7 +98,7 @@ def check(case: dict, got: dict, n: int, model=None) -> None:
     assert got["tokens"] == ref["tokens"], case
     t = model.config.text
     for r in range(n):  # the fit check's arithmetic, from the headers alone, is what each rank loaded
-        plan = Plan(model.config, OneRank(r, n), case["mode"], case.get("weights"))
+        plan = Plan(model.config, OnPaper(r, n), case["mode"], case.get("weights"))
         want = needs(case["dir"], dtype=mx.float32, dequantize=case.get("dequantize"), config=model.config, plan=plan)
         assert want.weights == got["params"][r], (case, r)
     total = param_bytes(model, ".")
