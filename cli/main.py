@@ -323,13 +323,11 @@ def info(model: Optional[str] = typer.Argument(None, help="Model directory, .ggu
         verdict = "fits" if n.to_run <= have else "loads, but not at this context" if n.to_load <= have else "does not fit"
         typer.echo(f"this machine    {gb(have)}: {verdict}")
         if ranks > 1:
-            if parallel not in ("tensor", "pipeline"):
-                fail(f"--parallel must be tensor or pipeline (got {parallel})")
+            plans = [Plan(c, OnPaper(r, ranks), parallel) for r in range(ranks)]  # a bad mode or split: one line
             typer.echo(f"{f'on {ranks} ranks':16s}{parallel} parallel: what each machine needs (mlx.launch ... "
                        f"--parallel {parallel})")
-            for r in range(ranks):
-                share = needs(path, context=context, kv_bits=kv_bits, config=c,
-                              plan=Plan(c, OnPaper(r, ranks), parallel))
+            for r, plan in enumerate(plans):
+                share = needs(path, context=context, kv_bits=kv_bits, config=c, plan=plan)
                 typer.echo(f"{f'  rank {r}':16s}to load {gb(share.to_load)}, to run {gb(share.to_run)} "
                            f"(weights {gb(share.weights)}, KV {gb(share.kv)})")
 

@@ -311,8 +311,8 @@ def serve(model, tokenizer, model_names: tuple[str, ...], *, host: str = "127.0.
     if not is_loopback(host) and not api_key:
         raise ValueError(f"--host {host} listens beyond this machine: give --api-key too (or use 127.0.0.1)")
     sock = sock or bind(host, port)
-    worker = Worker(model, tokenizer, max_batch=max_batch, cache_bytes=int(cache_gb * 2**30), kv_bits=kv_bits,
-                    max_queue=max_queue, group=group)
+    worker = _worker(model, tokenizer, group, max_batch=max_batch, cache_gb=cache_gb, kv_bits=kv_bits,
+                     max_queue=max_queue)
     worker.start()
     app = make_app(worker, model_names, api_key=api_key, cors=cors, max_body=max_body)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
@@ -330,8 +330,13 @@ def follow(model, tokenizer, group, *, max_batch: int = 8, cache_gb: float = 2.0
            max_queue: int = 64) -> None:
     """A rank other than 0 of a split server: run rank 0's requests in step with it until it stops (blocks).
     The settings must be rank 0's (the command lines are checked to be the same)."""
-    Worker(model, tokenizer, max_batch=max_batch, cache_bytes=int(cache_gb * 2**30), kv_bits=kv_bits,
-           max_queue=max_queue, group=group).follow()
+    _worker(model, tokenizer, group, max_batch=max_batch, cache_gb=cache_gb, kv_bits=kv_bits,
+            max_queue=max_queue).follow()
+
+
+def _worker(model, tokenizer, group, *, max_batch: int, cache_gb: float, kv_bits: int | None, max_queue: int) -> Worker:
+    return Worker(model, tokenizer, max_batch=max_batch, cache_bytes=int(cache_gb * 2**30), kv_bits=kv_bits,
+                  max_queue=max_queue, group=group)
 
 
 def _notify_when_started(server: uvicorn.Server, on_ready) -> None:

@@ -100,7 +100,7 @@ class Worker(threading.Thread):
         measure = _bytes_of if group is None else self._largest_share
         self.pool = CachePool(model, cache_bytes, measure=measure, **self.engine.cache_args)
         self._numbers = itertools.count()
-        self._numbered: dict[int, Job] = {}  # split: live jobs by number (rank 0's own; replayed elsewhere)
+        self._numbered: dict[int, Job] = {}  # split, other ranks: the live replayed jobs by number
         self._posted: list[tuple[str, Job | None]] = []  # rank 0: what it posted this turn
         self._quiet = 0  # idle turns in a row
         self.context = model.config.text.max_position_embeddings
@@ -194,7 +194,6 @@ class Worker(threading.Thread):
             for kind, job in items:
                 if kind == "submit":
                     job.number = next(self._numbers)
-                    self._numbered[job.number] = job
         return items
 
     def _encode(self, items) -> bytes:

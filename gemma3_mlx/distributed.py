@@ -185,18 +185,13 @@ def check_same(group: mx.distributed.Group, **things) -> None:
                 raise ClusterError(f"the ranks do not agree on the {key}: rank 0 has {a[:80]}, rank {r} has {b[:80]}")
 
 
-def memory_size() -> int:
-    """The bytes this machine can give a model (memory.machine_memory: GEMMA3_MLX_MEMORY overrides)."""
-    return machine_memory()
-
-
 def load(path, group: mx.distributed.Group, parallel: str, dtype=None, dequantize=None, weights=None):
     """(model, tokenizer) for this rank: `parallel` "tensor" or "pipeline"; each rank reads only its own
     tensors (and slices) of the directory. `weights`: pipeline shares per rank (default: each rank's memory).
     Raises ClusterError on every rank, before anything is read, when a rank lacks the memory for its share."""
     config = load_config(Path(path))
     if parallel == "pipeline" and weights is None:
-        weights = [row[0] for row in gather([memory_size() // 2**20], group)]
+        weights = [row[0] for row in gather([machine_memory() // 2**20], group)]
     plan = Plan(config, group, parallel, weights)
     check_fits(path, plan, dtype, dequantize)
     model = load_model(path, dtype, dequantize, config=config, plan=plan)
@@ -222,4 +217,4 @@ def parameter_bytes(model) -> int:
 
 
 __all__ = ["Channel", "ClusterError", "TIMEOUT", "broadcast_text", "check_fits", "check_same", "deadline", "gather", "init",
-           "load", "memory_size", "parameter_bytes", "rank_from_env"]
+           "load", "parameter_bytes", "rank_from_env"]

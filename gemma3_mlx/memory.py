@@ -64,7 +64,7 @@ def needs(path: str | Path, context: int = 8192, kv_bits: int | None = None, dty
     expand = bool(config.quantization) and (mx.default_device() == mx.cpu if dequantize is None else dequantize)
     size = mx.float32.size if dtype == mx.float32 else 2
     t = config.text
-    share = {} if plan is None else {"layers": plan.layers, "kv_heads": plan.kv_heads}
+    share = {} if plan is None else {"layers": plan.layers, "kv_heads": plan.kv_range[1] - plan.kv_range[0]}
     kv = kv_bytes(config, context, bytes_per_value=size, kv_bits=kv_bits, **share)
     chunk = min(context, PREFILL_CHUNK)
     # Attention scores of a global layer over the whole context, or the MLP's three intermediates.

@@ -247,10 +247,9 @@ class Plan:
         self.config, self.group, self.mode, self.weights = config, group, mode, weights
         N, r = group.size(), group.rank()
         t = config.text
-        self.kv_heads = t.num_key_value_heads  # KV heads a layer of this rank holds
+        self.kv_range = (0, t.num_key_value_heads)  # the KV heads a layer of this rank holds
         if mode == "tensor":
-            lo, hi = kv_heads(t.num_attention_heads, t.num_key_value_heads, r, N)
-            self.kv_heads = hi - lo
+            self.kv_range = kv_heads(t.num_attention_heads, t.num_key_value_heads, r, N)
             q = config.quantization or {}
             groups = {int(v["group_size"]) for v in [q, *q.values()] if isinstance(v, dict) and "group_size" in v}
             check_tensor(t, N, groups)
@@ -302,7 +301,7 @@ class Plan:
             axis = len(shape) - 1
         elif m and m.group(3) in ("k_proj", "v_proj"):
             if t.num_key_value_heads % N:  # replicated heads: this rank's own
-                lo, hi = kv_heads(t.num_attention_heads, t.num_key_value_heads, r, N)
+                lo, hi = self.kv_range
                 return 0, lo * t.head_dim, hi * t.head_dim
             axis = 0
         else:
