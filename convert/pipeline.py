@@ -22,6 +22,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
+from ..adapters import read_adapter
 from ..errors import ConversionError
 from .calibrate import calibrate, peak_rss_mb
 from .quality import check_against_source
@@ -120,11 +121,14 @@ def convert(
     quantize_vision: bool = False,
     progress: Callable[[int, int], None] | None = None,
     calibration: dict | None = None,
+    adapter: str | Path | None = None,
 ) -> ConversionReport:
     """Convert `source` into the MLX model directory `out`. Never modifies `source`.
 
     `calibration`: calibrate.calibrate's keywords (data, tokens, seed, progress) to round every
-    quantized text matrix with its input statistics (GPTQ); {} for the defaults."""
+    quantized text matrix with its input statistics (GPTQ); {} for the defaults. `adapter`: a LoRA
+    adapter directory (PEFT or mlx-lm) merged into the float weights before quantizing; the quality
+    check then compares against the merged float model."""
     validate(bits, group_size, recipe, dtype)
     if calibration is not None and bits is None and recipe is None:
         raise ConversionError("--calibrate needs --bits or --recipe")
@@ -134,6 +138,10 @@ def convert(
     is_gguf = src.path.is_file()
     native = is_gguf and bits is None and recipe is None and dtype is None
     config = src.config()
+    lora = read_adapter(adapter, config) if adapter is not None else None
+    if lora is not None and calibration is not None:
+        raise ConversionError("--calibrate with --adapter is not supported (calibration runs the unmerged source)")
+    native = native and lora is None  # a GGUF's blocks are expanded to float to take the adapter
     tokenizer = src.tokenizer_model()
     if tokenizer is None:
         warnings.warn(f"{source}: no tokenizer.model in the source; the converted model takes token ids only", stacklevel=2)
@@ -151,9 +159,10 @@ def convert(
                 q, requantized = t, False
             else:
                 origin, t = (t.origin, t.value) if isinstance(t, FloatTensor) else ("float", t)
+                kept, t = t, _merge(lora, name, t)  # the source's own type still decides a float's storage
                 spec = _spec(name, t.shape, origin, bits, group_size, recipe, native, quantize_vision)
                 if spec is None:
-                    target = dtype or _float_target(name, t, origin, is_gguf)
+                    target = dtype or _float_target(name, kept, origin, is_gguf)
                     w = mx.array(t).astype(DTYPES[target])
                     writer.add(name, w)
                     report.n_params += w.size
@@ -182,7 +191,7 @@ def convert(
         if tokenizer is not None:
             (tmp / "tokenizer.model").write_bytes(tokenizer)
         if check:
-            report.quality = check_against_source(tmp, src)
+            report.quality = check_against_source(tmp, src, adapter=lora)
             if not np.isfinite(report.quality["kl"]):  # nothing is published: the block fails
                 raise ConversionError(f"the converted model's outputs are not finite (KL {report.quality['kl']}): "
                                       "the conversion is broken, nothing was written")
@@ -190,6 +199,12 @@ def convert(
         calib.close()
         report.calibration["peak_rss_mb"] = peak_rss_mb()  # of the whole conversion
     return report
+
+
+def _merge(lora, name: str, t):
+    """W + scale * B @ A, in float32, for a matrix the adapter targets; `t` itself otherwise."""
+    delta = lora.delta(name.removesuffix(".weight")) if lora is not None and name.endswith(".weight") else None
+    return t if delta is None else mx.array(t).astype(mx.float32) + mx.array(delta)
 
 
 def _tick(progress, i, total):

@@ -83,8 +83,9 @@ def source_weights(src) -> dict[str, Callable[[], mx.array]]:
     return {n: (lambda f=f, k=k: f.get(k)) for f in src.files for k in f.names if (n := sanitize_name(k))}
 
 
-def check_against_source(model_dir: Path, src) -> dict:
-    """Compare the converted model in `model_dir` with its float source, layer by layer (module docstring)."""
+def check_against_source(model_dir: Path, src, adapter=None) -> dict:
+    """Compare the converted model in `model_dir` with its float source, layer by layer (module docstring).
+    `adapter` (adapters.Adapter): the reference is the source with it merged (a fused conversion)."""
     config = load_config(model_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -92,6 +93,9 @@ def check_against_source(model_dir: Path, src) -> dict:
     t = config.text
     ids = eval_ids(tok, t.vocab_size)
     ref = source_weights(src)
+    for module in adapter.modules if adapter is not None else ():
+        n = f"{module}.weight"
+        ref[n] = lambda f=ref[n], m=module: f().astype(mx.float32) + mx.array(adapter.delta(m))
 
     def float_part(prefix: str) -> dict:
         got = {n: ref[n]() for n in ref if n.startswith(prefix)}

@@ -18,6 +18,7 @@ from __future__ import annotations
 from array import array
 from collections import OrderedDict
 
+from .adapters import resolve
 from .cache import WindowCache
 from .prompt_cache import PromptCache
 
@@ -73,16 +74,19 @@ class CachePool:
     def __len__(self) -> int:
         return len(self.idle)
 
-    def take(self, ids: list[int]) -> PromptCache:
+    def take(self, ids: list[int], adapter: str | None = None) -> PromptCache:
         """The idle cache keeping the most of `ids` (removed from the pool), or a new one."""
         best, kept = None, 0
+        adapter = resolve(self.model, adapter)  # a LoRA adapter's caches serve only that adapter
         for key, (pc, _) in self.idle.items():
+            if pc.adapter != adapter:
+                continue
             k = kept_prefix(pc, ids)
             if k > kept and 2 * k >= len(pc.tokens):  # most of it is kept: the same conversation
                 best, kept = key, k
         if best is None:
             self.misses += 1
-            return PromptCache(self.model, **self.cache_args)
+            return PromptCache(self.model, **self.cache_args, adapter=adapter)
         self.hits += 1
         pc, size = self.idle.pop(best)
         self.bytes -= size

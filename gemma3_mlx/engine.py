@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
+from .adapters import select
 from .cache import ROLLBACK
 from .prompt_cache import PromptCache, check_ids
 from .sample import Sampler, make_sampler
@@ -137,8 +138,9 @@ class Engine:
 
     def submit(self, prompt, *, max_tokens: int = 256, sampler: Sampler | None = None, stop_ids=STOP_IDS,
                images: list | None = None, cache: PromptCache | None = None, logprobs: int | None = None,
-               draft=None, draft_tokens: int = 4) -> int:
-        """Queue a sequence; returns its uid. `prompt`: token ids (image blocks expanded, with one
+               draft=None, draft_tokens: int = 4, adapter: str | None = None) -> int:
+        """Queue a sequence; returns its uid. `adapter`: the attached LoRA adapter this sequence runs
+        (adapters.py; default: the model's own, if any), a model choice, kept out of the sampling settings. `prompt`: token ids (image blocks expanded, with one
         preprocessed image per block in `images`). `cache`: a PromptCache to continue (its common
         prefix with the prompt is reused, and it holds prompt + reply afterwards). `logprobs`: also
         report each token's log-probability and this many alternatives (0-20). `draft`: a proposer
@@ -149,7 +151,9 @@ class Engine:
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise ValueError(f"logprobs must be between 0 and 20 (got {logprobs})")
         if cache is None:
-            cache = PromptCache(self.model, **self.cache_args)
+            cache = PromptCache(self.model, **self.cache_args, adapter=adapter)
+        elif adapter is not None and cache.adapter != adapter:
+            raise ValueError(f"this cache holds adapter {cache.adapter!r}'s keys and values, not {adapter!r}'s")
         elif cache.cache_args != self.cache_args and (self.rows or self.waiting or self.max_batch > 1):
             raise ValueError(f"this cache was made with {cache.cache_args}, the engine batches {self.cache_args}")
         prompt = [int(t) for t in prompt]
@@ -334,6 +338,7 @@ class Engine:
     def _decode(self, logprobs: bool):
         """Queue one step for every row from the pending (lazy) tokens; returns the next tokens.
         `logprobs`: some row asked for log-probabilities."""
+        select(self.model, [s.cache.adapter for s in self.rows])  # each row's LoRA adapter (or none)
         logits = self.model(self.pending[:, None], self.layers, logits="last")[:, -1, :]  # (B, V)
         rows = self.rows
         if all(s.sampler.greedy for s in rows):

@@ -16,6 +16,7 @@ import numpy as np
 import mlx.nn as nn
 
 from ._signals import sigint_to_main_thread
+from .adapters import load_adapters
 from .config import ModelConfig, instruction_tuned_from_name
 from .errors import ConfigError, ModelFileError
 from .files import read_json
@@ -191,11 +192,17 @@ def load_tokenizer(path: str | Path, *, config: ModelConfig | None = None) -> To
     return tok
 
 
-def load(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize: bool | None = None) -> tuple:
+def load(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize: bool | None = None,
+         adapter: str | Path | dict | None = None) -> tuple:
     """Load a model directory. `dtype` overrides the compute dtype ("float32" or "bfloat16");
-    `dequantize` overrides whether quantized weights are expanded (default: on the CPU backend)."""
+    `dequantize` overrides whether quantized weights are expanded (default: on the CPU backend).
+    `adapter`: a LoRA adapter directory (PEFT or mlx-lm) the model then runs, unmerged; or
+    {name: directory} for several, which requests choose by name (adapters.py)."""
     config = load_config(Path(path))  # read once, for both
-    return load_model(path, dtype, dequantize, config=config), load_tokenizer(path, config=config)
+    model = load_model(path, dtype, dequantize, config=config)
+    if adapter is not None:
+        load_adapters(model, adapter)
+    return model, load_tokenizer(path, config=config)
 
 
 __all__ = ["load", "load_model", "load_tokenizer", "load_config"]

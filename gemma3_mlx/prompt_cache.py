@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .adapters import adapter_id, resolve, select
 from .cache import ROLLBACK, KVCache, QuantizedKVCache, WindowCache
 from .errors import Gemma3Error, TokenIdError
 from .model import image_spans_of
@@ -79,8 +80,10 @@ class PromptCache:
     """
 
     def __init__(self, model, *, kv_bits: int | None = None, kv_group_size: int = 64,
-                 value_bits: int | None = None, max_snapshots: int = 4, rollback: int = ROLLBACK):
+                 value_bits: int | None = None, max_snapshots: int = 4, rollback: int = ROLLBACK,
+                 adapter: str | None = None):
         self.model = model
+        self.adapter = resolve(model, adapter)  # bound for life: its KV is never another adapter's
         self.cache_args = {"kv_bits": kv_bits, "kv_group_size": kv_group_size, "value_bits": value_bits,
                            "rollback": rollback}
         self.layers = model.make_cache(**self.cache_args)
@@ -154,6 +157,7 @@ class PromptCache:
 
     def _run(self, ids, logits="last", image_features=None, image_spans=None):
         try:
+            select(self.model, [self.adapter])
             out = self.model(mx.array(ids)[None], self.layers, logits=logits, image_features=image_features,
                              image_spans=image_spans)
         except BaseException:  # e.g. Ctrl-C halfway through the layers: take back what some layers took
@@ -258,11 +262,12 @@ class PromptCache:
             "tokens": json.dumps(self.tokens),
             "kinds": json.dumps(kinds),
             "cache_args": json.dumps(self.cache_args),
+            "adapter": adapter_id(self.model, self.adapter),
         }
         mx.save_safetensors(str(path), tensors, metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path, model) -> "PromptCache":
+    def load(cls, path: str | Path, model, adapter: str | None = None) -> "PromptCache":
         try:
             tensors, meta = mx.load(str(path), return_metadata=True)
         except Exception as e:  # mlx raises RuntimeError/ValueError on unreadable files
@@ -271,7 +276,10 @@ class PromptCache:
             raise PromptCacheError(f"{path}: not a gemma3-mlx prompt cache")
         if meta.get("model") != fingerprint(model):
             raise PromptCacheError(f"{path}: this prompt cache was made with a different model")
-        pc = cls(model, **json.loads(meta["cache_args"]))
+        adapter = resolve(model, adapter)
+        if meta.get("adapter", "") != adapter_id(model, adapter):
+            raise PromptCacheError(f"{path}: this prompt cache was made with a different adapter")
+        pc = cls(model, **json.loads(meta["cache_args"]), adapter=adapter)
         tokens = json.loads(meta["tokens"])
         try:
             for i, c in enumerate(pc.layers):
