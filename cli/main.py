@@ -28,6 +28,7 @@ from ..generate import stream_generate
 from ..image import load_image
 from ..loader import load, load_config
 from ..memory import DoesNotFit, describe, ensure_fits, gb, machine_memory, needs
+from ..adapters import AdapterError, check_name
 from ..errors import Gemma3Error
 from ..models import DEFAULT_MODEL, damaged, list_models, looks_like_hub_id, models_dir, remove, resolve
 from ..prompt_cache import PromptCache
@@ -64,7 +65,7 @@ def open_model(path: Path, **options):
         try:
             ensure_fits(path, dtype=options.get("dtype"))  # before loading: one line, not a machine swapping to a halt
             return load(path, **options)
-        except DoesNotFit:
+        except (DoesNotFit, AdapterError):
             raise
         except (Gemma3Error, ValueError, OSError) as e:
             raise damaged(path, e) from None
@@ -82,6 +83,12 @@ def warn_if_base(path: Path, config, advice: str) -> None:
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Model directory, .gguf file, converted model name or hub id "
                                                      "(default: Gemma 3 270M).")
+AdapterOpt = typer.Option(None, "--adapter", help="A LoRA adapter directory (PEFT or mlx-lm) to run on the model, unmerged.")
+
+
+def no_parallel_adapter(parallel, adapter) -> None:
+    if parallel and adapter:
+        fail("--adapter does not run split across processes (--parallel); fuse it: gemma3 convert --adapter")
 
 
 @app.command()
@@ -107,6 +114,7 @@ def generate(
                                                                       "edits, quotes): the same output."),
     parallel: Optional[str] = typer.Option(None, "--parallel", help="tensor or pipeline: one model across the "
                                            "processes mlx.launch starts (see the README)."),
+    adapter: Optional[Path] = AdapterOpt,
     quiet: bool = QuietOpt,
 ):
     """Stream a completion of PROMPT.
@@ -119,13 +127,14 @@ def generate(
     with user_errors():
         if image:
             image = [load_image(p) for p in image]  # fail fast, before loading the model
+        no_parallel_adapter(parallel, adapter)
         group = None
         if parallel:
             group, path, model_obj, tokenizer = open_parallel(model, parallel, resolve_model, dtype,
                                                               speculating=bool(draft_model or prompt_lookup))
         else:
             path = resolve_model(model)
-            model_obj, tokenizer = open_model(path, dtype=dtype)
+            model_obj, tokenizer = open_model(path, dtype=dtype, adapter=adapter)
         if tokenizer is None:
             fail("the model has no tokenizer.model")
         if not raw:
@@ -166,6 +175,8 @@ def convert(
     calibrate: bool = typer.Option(False, "--calibrate", help="Round with the float model's activations on calibration text (GPTQ)."),
     calibration_data: Optional[Path] = typer.Option(None, "--calibration-data", help="Calibration text: a text or JSONL file (default: built in)."),
     calibration_tokens: int = typer.Option(8192, "--calibration-tokens", help="Calibration tokens to use."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Merge this LoRA adapter (PEFT or mlx-lm) into "
+                                           "the float weights before quantizing."),
     quiet: bool = QuietOpt,
 ):
     """Convert a checkpoint into an MLX model directory, and report its size and quality loss.
@@ -183,7 +194,7 @@ def convert(
     with user_errors(), status(f"reading {source} ..."):  # on a terminal at once; the progress bar takes over
         r = run(source, out, dtype=dtype, bits=bits, group_size=group_size, recipe=recipe,
                 method="rtn" if rtn else "search", force=force, check=not no_check, quantize_vision=quantize_vision,
-                progress=Progress("Converting"), calibration=calibration)
+                progress=Progress("Converting"), calibration=calibration, adapter=adapter)
         for fmt, n in sorted(r.formats.items()):
             note(f"  {n:4d} x {fmt}")
         typer.echo(f"{r.out}: {r.n_params / 1e6:.1f}M parameters, {r.n_bytes / 1e6:.1f} MB, {r.bits_per_weight:.2f} bits per weight")
@@ -343,6 +354,7 @@ def bench(
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the global KV cache to 4 or 8 bits."),
     draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Measure with this draft model speculating."),
     prompt_lookup: bool = typer.Option(False, "--prompt-lookup", help="Measure with prompt-lookup speculation."),
+    adapter: Optional[Path] = AdapterOpt,
     quiet: bool = QuietOpt,
 ):
     """Measure prefill and decode speed, time to first token, peak memory and KV bytes.
@@ -353,7 +365,7 @@ def bench(
 
     set_quiet(quiet)
     with user_errors():
-        model_obj, tokenizer = open_model(resolve_model(model))
+        model_obj, tokenizer = open_model(resolve_model(model), adapter=adapter)
         limit = model_obj.config.text.max_position_embeddings
         if context + prompt_tokens + gen_tokens > limit:
             fail(f"--context + --prompt-tokens + --gen-tokens is {context + prompt_tokens + gen_tokens}, "
@@ -405,6 +417,7 @@ def chat(
     prompt_lookup: bool = typer.Option(False, "--prompt-lookup", help="Speculate by copying from the conversation."),
     parallel: Optional[str] = typer.Option(None, "--parallel", help="tensor or pipeline: one model across the "
                                            "processes mlx.launch starts (see the README)."),
+    adapter: Optional[Path] = AdapterOpt,
     quiet: bool = QuietOpt,
 ):
     """Chat with a model. Each turn processes only its new tokens; piped input is one message per line.
@@ -418,6 +431,7 @@ def chat(
         if pending:
             for p in pending:  # fail fast, before loading the model
                 load_image(p)
+        no_parallel_adapter(parallel, adapter)
         group = None
         if parallel:
             group, path, model_obj, tokenizer = open_parallel(model, parallel, resolve_model, announce=True,
@@ -425,7 +439,7 @@ def chat(
         else:
             path = resolve_model(model)
             note(f"loading {path.name} ...", dim=True)
-            model_obj, tokenizer = open_model(path)
+            model_obj, tokenizer = open_model(path, adapter=adapter)
         if tokenizer is None:
             fail("the model has no tokenizer.model")
         if pending and model_obj.config.vision is None:
@@ -454,6 +468,8 @@ def serve(
     cors: Optional[list[str]] = typer.Option(None, "--cors", help="Allow browser pages from this origin (repeatable)."),
     parallel: Optional[str] = typer.Option(None, "--parallel", help="tensor or pipeline: one model across the "
                                            "processes mlx.launch starts; rank 0 listens (see the README)."),
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="NAME=PATH: also serve this LoRA adapter "
+                                                "as model NAME, on the same base (repeatable)."),
     quiet: bool = QuietOpt,
 ):
     """Serve a model over the OpenAI API (chat and text completions, streaming, images) on localhost.
@@ -468,6 +484,8 @@ def serve(
             fail(f"--host {host} listens beyond this machine: give --api-key too (or use 127.0.0.1)")
         if kv_bits is not None and kv_bits not in (4, 8):
             fail(f"--kv-bits must be 4 or 8 (got {kv_bits})")
+        no_parallel_adapter(parallel, adapter)
+        adapters = serve_adapters(adapter or [])  # a bad name fails before loading anything
         rank = distributed.rank_from_env() if parallel else 0
         sock = server.bind(host, port) if rank == 0 else None  # before loading: a port in use fails at once
         group = None
@@ -475,7 +493,7 @@ def serve(
             group, path, model_obj, tokenizer = open_parallel(model, parallel, resolve_model)
         else:
             path = resolve_model(model)
-            model_obj, tokenizer = open_model(path)  # refuses a model this machine cannot hold
+            model_obj, tokenizer = open_model(path, adapter=adapters or None)  # refuses a model this machine cannot hold
         if tokenizer is None:
             fail("the model has no tokenizer.model")
         settings = dict(max_batch=max_batch, max_queue=max_queue, cache_gb=cache_gb, kv_bits=kv_bits)
@@ -484,10 +502,24 @@ def serve(
             server.follow(model_obj, tokenizer, group, **settings)
             return
         names = (path.name,) + ((model,) if model and model != path.name else ())
+        if set(names) & set(adapters):
+            fail(f"--adapter {next(iter(set(names) & set(adapters)))}=...: that name is the base model's")
         split = f" on {group.size()} ranks ({parallel} parallel)" if group is not None else ""
         ready = lambda: note(f"serving {path.name}{split} at http://{host}:{port}/v1 (Ctrl-C stops)")  # noqa: E731
         server.serve(model_obj, tokenizer, names, host=host, port=port, api_key=api_key, cors=cors, sock=sock,
                      on_ready=ready, group=group, **settings)
+
+
+def serve_adapters(specs: list[str]) -> dict[str, Path]:
+    """serve's --adapter NAME=PATH (or PATH, named after its directory) -> {name: path}."""
+    out = {}
+    for spec in specs:
+        name, _, where = spec.partition("=") if "=" in spec else (Path(spec).name, "", spec)
+        check_name(name)
+        if name in out:
+            fail(f"--adapter {name}=...: two adapters are named {name!r}")
+        out[name] = Path(where).expanduser()
+    return out
 
 
 def main():

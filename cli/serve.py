@@ -122,6 +122,9 @@ def make_app(worker: Worker, model_names: tuple[str, ...], *, api_key: str | Non
              cors: list[str] | None = None, max_body: int = MAX_BODY) -> Starlette:
     """The ASGI app over a started Worker. `model_names`: the served name first, then its aliases."""
     tokenizer, vision = worker.tokenizer, worker.model.config.vision is not None
+    bank = getattr(worker.model, "adapters", None)  # LoRA adapters on the same base, each served by its name
+    adapters = tuple(bank.names) if bank is not None else ()
+    served = model_names + adapters
     expected = f"Bearer {api_key}".encode() if api_key else None
 
     def authorize(request: Request) -> None:
@@ -154,9 +157,10 @@ def make_app(worker: Worker, model_names: tuple[str, ...], *, api_key: str | Non
         body = await read_json(request)
         req = _Request(worker, request)
         if chat:
-            job, opts = api.chat_job(body, model_names, req.send, vision)
+            job, opts = api.chat_job(body, served, req.send, vision)
         else:
-            job, opts = api.completion_job(body, model_names, req.send)
+            job, opts = api.completion_job(body, served, req.send)
+        job.adapter = opts["model"] if opts["model"] in adapters else None  # a model choice: not a sampling setting
         shapes = api.Shapes(chat, opts["model"], tokenizer, ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex)
         req.start(job)
         try:
@@ -184,12 +188,12 @@ def make_app(worker: Worker, model_names: tuple[str, ...], *, api_key: str | Non
 
     async def list_models(request: Request):
         authorize(request)
-        return JSONResponse({"object": "list", "data": [model_card(model_names[0])]})
+        return JSONResponse({"object": "list", "data": [model_card(n) for n in (model_names[0],) + adapters]})
 
     async def get_model(request: Request):
         authorize(request)
         name = request.path_params["name"]
-        if name not in model_names:
+        if name not in served:
             raise api.ApiError(404, f"the model {name!r} is not served here; this server serves {model_names[0]!r}",
                                code="model_not_found")
         return JSONResponse(model_card(name))

@@ -58,6 +58,7 @@ class Job:
     sampling: dict = field(default_factory=dict)  # make_sampler's arguments
     stops: list[str] = field(default_factory=list)
     logprobs: int | None = None
+    adapter: str | None = None  # the LoRA adapter the request's `model` names (None: the base)
     # the model thread's bookkeeping
     uid: int | None = None
     cache: object = None
@@ -251,7 +252,7 @@ class Worker(threading.Thread):
             room = self.context - len(ids)
             max_tokens = min(job.max_tokens or room, room)
             sampler = make_sampler(**job.sampling)
-            job.cache = self.pool.take(ids)
+            job.cache = self.pool.take(ids, adapter=job.adapter)  # never another adapter's cache
             job.uid = self.engine.submit(ids, max_tokens=max_tokens, sampler=sampler, stop_ids=STOP_IDS,
                                          images=blocks, cache=job.cache, logprobs=job.logprobs)
         except Exception as e:  # ValueError, Gemma3Error: the request's fault (a bad image, a prompt too long)

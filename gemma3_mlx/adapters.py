@@ -208,7 +208,8 @@ def _pairs(st: SafetensorsFile, fmt: str, text, fname: str) -> dict[str, tuple[s
         if lin is None:
             _refuse_other(key, st, text, fmt)
         if int(lin.group(1)) >= text.num_hidden_layers:
-            raise AdapterError(f"{key}: layer {lin.group(1)}, but the base has {text.num_hidden_layers} layers")
+            raise AdapterError(f"{key}: layer {lin.group(1)}, but the base has {text.num_hidden_layers} layers "
+                              f"(0 to {text.num_hidden_layers - 1})")
         i, o = shapes[lin.group(2)]
         shape, is_a = st.shape(key), m.group(2) in ("lora_A", "lora_a")
         r = shape[0 if (is_a == (fmt == "peft")) else -1] if len(shape) == 2 else 0

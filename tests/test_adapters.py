@@ -16,6 +16,7 @@ import gemma3_mlx
 from conftest import FIXTURES
 from gemma3_mlx.adapters import AdapterError, linear_shapes, read_adapter
 from gemma3_mlx.engine import Engine
+from gemma3_mlx.loader import load_config
 from gemma3_mlx.settings import Sampling
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -218,3 +219,166 @@ def test_prompt_caches_are_bound_to_one_adapter(tiny, text, tmp_path):
         Engine(model).submit(ids, cache=pb, adapter="a")
     with pytest.raises(AdapterError, match="no adapter named 'z'"):
         Engine(model).submit(ids, adapter="z")
+
+
+# ---------------------------------------------------------------------- bad adapters: one line each
+
+
+def cli(*args):
+    from typer.testing import CliRunner
+
+    from gemma3_mlx.cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_error_line(r) -> str:
+    assert r.exit_code == 1, (r.exit_code, r.output, r.exception)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+def edit_tensors(src: Path, out: Path, fn) -> Path:
+    shutil.copytree(src, out)
+    f = next(out.glob("*.safetensors"))
+    w = {k: np.asarray(v) for k, v in mx.load(str(f)).items()}
+    mx.save_safetensors(str(f), {k: mx.array(v) for k, v in fn(w).items()})
+    return out
+
+
+def test_bad_adapters_are_one_error_line(tiny, text, tmp_path):
+    good = tmp_path / "good"
+    make_peft(good, text, 4, 8, seed=1)
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    cases = {}
+    cases["wrong shape"] = (edit_tensors(good, tmp_path / "shape", lambda w: {
+        **w, f"{q}.lora_A.weight": np.zeros((4, 48), np.float32)}), rf"{q}.lora_A.weight: shape \(4, 48\)")
+    cases["layer count"] = (edit_tensors(good, tmp_path / "layers", lambda w: {
+        **w, q.replace("layers.0", "layers.8") + ".lora_A.weight": np.zeros((4, 64), np.float32),
+        q.replace("layers.0", "layers.8") + ".lora_B.weight": np.zeros((128, 4), np.float32)}), "layer 8, but the base has 8 layers")
+    cases["vocabulary"] = (edit_tensors(good, tmp_path / "vocab", lambda w: {
+        **w, "base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((4, 1000), np.float32)}),
+        "lora_embedding_A: shape .* vocabulary of 384")
+    cases["NaN weights"] = (edit_tensors(good, tmp_path / "nan", lambda w: {
+        **w, f"{q}.lora_B.weight": np.full(w[f"{q}.lora_B.weight"].shape, np.nan, np.float32)}),
+        rf"{q}.lora_B.weight: NaN")
+    cases["DoRA"] = (shutil.copytree(good, tmp_path / "dora"), "DoRA")
+    cfg = json.loads((good / "adapter_config.json").read_text())
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    cases["missing config"] = (shutil.copytree(good, tmp_path / "noconfig"), "no adapter_config.json")
+    (tmp_path / "noconfig" / "adapter_config.json").unlink()
+    cases["unknown format"] = (shutil.copytree(good, tmp_path / "unknown"), "unknown adapter format")
+    (tmp_path / "unknown" / "adapter_config.json").write_text(json.dumps({"kind": "ia3"}))
+    big = shutil.copytree(good, tmp_path / "big")  # 2 GB (sparse): refused from its size, never read
+    with open(big / "adapter_model.safetensors", "r+b") as f:
+        f.truncate(2 << 30)
+    cases["2 GB"] = (big, "2,147,483,648 bytes, more than any LoRA adapter of this base")
+    for what, (path, message) in cases.items():
+        with pytest.raises(AdapterError, match=message):
+            read_adapter(path, quiet_load(tiny)[0].config)
+        line = one_error_line(cli("generate", "--raw", "x", "-m", tiny, "--adapter", path))
+        assert path.name in line or "layers." in line or "embed" in line, (what, line)
+    # a served adapter's name with a path in it, before anything loads
+    line = one_error_line(cli("serve", "-m", tiny, "--adapter", f"../x={good}", "--port", "0"))
+    assert "adapter name '../x'" in line
+    line = one_error_line(cli("serve", "-m", tiny, "--adapter", f"a/b={good}", "--port", "0"))
+    assert "no paths" in line
+
+
+def test_cli_generate_with_adapter_and_fused_convert(tiny, text, tmp_path):
+    """--adapter on generate equals the fused model's output; convert --adapter is one command."""
+    make_peft(tmp_path / "a", text, 8, 16, seed=9, std=0.2)
+    r = cli("convert", FIXTURES / "tiny_v5", "-o", tmp_path / "fused", "--dtype", "float32", "--adapter", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    fused, _ = quiet_load(tmp_path / "fused")
+    base, _ = quiet_load(tiny, adapter=tmp_path / "a")
+    assert float(mx.abs(fused(IDS) - base(IDS)).max()) < 1e-4
+
+
+# ---------------------------------------------------------------------- the server
+
+
+def tiny_with_tokenizer(tokenizer_model: Path, out: Path) -> Path:
+    """tiny_v5's shape with the real tokenizer's vocabulary and random weights (window 6: replies pass it)."""
+    from mlx.utils import tree_flatten
+
+    from gemma3_mlx.config import ModelConfig
+    from gemma3_mlx.model import Model
+
+    d = json.loads((FIXTURES / "tiny_v5" / "config.json").read_text())
+    d.update(vocab_size=262144, hidden_size=32, intermediate_size=64, max_position_embeddings=1024)
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(d))
+    mx.random.seed(1)
+    model = Model(ModelConfig.from_dict(d))
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    shutil.copy(tokenizer_model, out / "tokenizer.model")
+    return out
+
+
+def test_server_serves_adapters_by_name_in_one_batch(model_270m_dir, tmp_path):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    import uvicorn
+
+    from gemma3_mlx.cli.serve import make_app
+    from gemma3_mlx.cli.serve_worker import Worker
+    from test_server import free_port, wait_healthy
+
+    base_dir = tiny_with_tokenizer(model_270m_dir / "tokenizer.model", tmp_path / "tiny-chat")
+    text = load_config(base_dir).text
+    make_peft(tmp_path / "alpha", text, 8, 16, seed=21, std=0.3)
+    make_mlx_lm(tmp_path / "beta", text, 4, 4.0, seed=22, num_layers=6, std=0.3)
+    model, tok = gemma3_mlx.load(base_dir, adapter={"alpha": tmp_path / "alpha", "beta": tmp_path / "beta"})
+    worker = Worker(model, tok, max_batch=4, cache_bytes=64 << 20, max_queue=8)
+    worker.start()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(make_app(worker, ("tiny-chat",)), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_healthy(port)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["tiny-chat", "alpha", "beta"]
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="gamma", prompt="x", max_tokens=2)
+
+        # single-process references: each adapter loaded alone, as `gemma3 generate --adapter` does
+        prompt = "The lighthouse keeper wrote"
+        refs = {"tiny-chat": gemma3_mlx.generate(model, tok, prompt, max_tokens=16)}
+        for name in ("alpha", "beta"):
+            alone, _ = gemma3_mlx.load(base_dir, adapter=tmp_path / name)
+            refs[name] = gemma3_mlx.generate(alone, tok, prompt, max_tokens=16)
+        assert len(set(refs.values())) == 3  # the adapters change the text: the check can fail
+
+        def ask(name):
+            r = client.completions.create(model=name, prompt=prompt, max_tokens=16, temperature=0)
+            return r.model, r.choices[0].text
+
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(ask, ["alpha", "tiny-chat", "beta"] * 2))
+        assert got == [(n, refs[n]) for n in ["alpha", "tiny-chat", "beta"] * 2]
+
+        # the conversation cache: the same conversation under another adapter reuses nothing
+        messages = [{"role": "user", "content": "Tell me about the tides and the lighthouse."}]
+
+        def chat(name):
+            r = client.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0)
+            return r.choices[0].message.content, r.usage.prompt_tokens_details.cached_tokens
+
+        a1, cached = chat("alpha")
+        assert cached == 0
+        b1, cached_b = chat("beta")
+        base1, cached_base = chat("tiny-chat")
+        assert cached_b == 0 and cached_base == 0  # alpha's keys and values were not served to beta or the base
+        a2, cached_a = chat("alpha")
+        assert a2 == a1 and cached_a > 0  # the same adapter's own cache is reused
+        assert len({a1, b1, base1}) == 3
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        worker.stop()
