@@ -28,7 +28,7 @@ from typing import Callable
 import mlx.core as mx
 
 from .. import distributed
-from ..cache_pool import CachePool
+from ..cache_pool import CachePool, common_prefix
 from ..cache_pool import cache_bytes as _bytes_of
 from ..engine import STOP_IDS, Engine
 from ..errors import Gemma3Error
@@ -253,6 +253,7 @@ class Worker(threading.Thread):
             max_tokens = min(job.max_tokens or room, room)
             sampler = make_sampler(**job.sampling)
             job.cache = self.pool.take(ids, adapter=job.adapter)  # never another adapter's cache
+            job.cache.marks = self._branch_points(job, ids)
             job.uid = self.engine.submit(ids, max_tokens=max_tokens, sampler=sampler, stop_ids=STOP_IDS,
                                          images=blocks, cache=job.cache, logprobs=job.logprobs)
         except Exception as e:  # ValueError, Gemma3Error: the request's fault (a bad image, a prompt too long)
@@ -267,6 +268,16 @@ class Worker(threading.Thread):
         self.jobs[job.uid] = job
         self.counters["requests"] += 1
         job.send(("accepted", len(ids)))
+
+    def _branch_points(self, job: Job, ids: list[int]) -> frozenset[int]:
+        """Where other conversations may branch off this one: the end of its system prompt (the
+        common prefix of its ids with those of the system prompt alone). The pool forks there."""
+        msgs = job.messages
+        if not msgs or msgs[0].get("role") != "system" or len(msgs) < 2 or job.images:
+            return frozenset()
+        head, _ = prompt_ids(self.tokenizer, self.model.config, [msgs[0], {"role": "user", "content": ""}])
+        n = common_prefix(head, ids)
+        return frozenset([n]) if 0 < n < len(ids) - 1 else frozenset()
 
     def _prompt(self, job: Job):
         if job.messages is None:

@@ -1,12 +1,16 @@
 """A pool of prompt caches for many conversations at once, bounded by bytes (least recently used out).
 
-A server does not know which conversation a request continues: `take(ids)` lends out the idle cache
-that keeps the most of `ids` (a conversation extended, or its last turn edited or regenerated: the
-PromptCache rolls back to its nearest snapshot), or a fresh one when none would keep at least half
-of what it holds, so an unrelated request (sharing a BOS, a chat header, a system prompt with no
-snapshot after it) never destroys another conversation's cache. A cache lent out is not in the pool;
-`give` puts it back, and the least recently used caches are dropped while the pool holds more than
-`max_bytes` (KV, snapshots and encoded images all counted).
+A server does not know which conversation a request continues. `take(ids)` looks through every idle
+cache for the longest prefix of `ids` it can give back exactly: the whole cache (a conversation
+extended: that cache is lent out, nothing copied), or a point its window rings can reach (a
+snapshot at a branch point: the end of a shared system prompt, of a prompt or of a reply; or the
+live rings when they can take the rest back). A prefix shared with another conversation is *forked*:
+a new cache gets that conversation's global layers by slice (read-only: the fork's first write grows
+its own copy) and a copy of the snapshot's rings, so the other conversation's cache never changes.
+A new conversation with a known system prompt therefore prefills only its own question, also past
+the sliding window. A cache lent out is not in the pool; `give` puts it back, and the least recently
+used caches are dropped while the pool holds more than `max_bytes` (KV, snapshots and encoded images
+all counted; a fork's slices count in full).
 
 Clients send replies back as text, and text re-encoded need not give the ids the model generated
 (nor what the cache holds): `remember(text, ids)` keeps recent replies' ids, and `reply_ids(text)`
@@ -20,7 +24,9 @@ from collections import OrderedDict
 
 from .adapters import resolve
 from .cache import WindowCache
-from .prompt_cache import PromptCache
+from .prompt_cache import PromptCache, _copy
+
+MIN_FORK = 32  # tokens: a shorter shared prefix (a BOS, a chat header) is not worth a fork
 
 
 def cache_bytes(pc: PromptCache) -> int:
@@ -49,13 +55,37 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def kept_prefix(pc: PromptCache, ids: list[int]) -> int:
-    """How many tokens of `ids` a cache would keep: the common prefix when its rings can take the rest
-    back, else its nearest snapshot at or before the common prefix (as PromptCache.rewind does)."""
+    """How many tokens of `ids` a cache can give back exactly: the common prefix when its rings can
+    take the rest back, else its nearest snapshot at or before the common prefix (as PromptCache.rewind)."""
     common = common_prefix(pc.tokens, ids)
     drop = len(pc.tokens) - common
     if drop == 0 or all(c.can_trim() >= drop for c in pc.layers if isinstance(c, WindowCache)):
         return common
     return max((s for s in pc.snapshots if s <= common), default=0)
+
+
+def fork(pc: PromptCache, n: int) -> PromptCache:
+    """A new cache holding the first n tokens of `pc` (n: a snapshot point, or within what its rings
+    can take back), `pc` left as it is: global layers by slice, rings copied (MLX writes a slice in
+    place only into the array object written to, and a fork's objects are its own)."""
+    new = PromptCache(pc.model, max_snapshots=pc.max_snapshots, adapter=pc.adapter, **pc.cache_args)
+    saved = pc.snapshots.get(n)
+    drop = len(pc.tokens) - n
+    for c, src, ring in zip(new.layers, pc.layers, saved[0] if saved else [None] * len(pc.layers)):
+        if not isinstance(c, WindowCache):
+            c.restore({k: v[..., :n, :] for k, v in src.state.items()}, n)
+        elif saved is not None:
+            c.restore(_copy(ring), n)
+        else:
+            c.restore(_copy(src.state), len(pc.tokens))
+            c.trim(drop)
+    new.tokens = pc.tokens[:n]
+    new.images = [blk for blk in pc.images if blk[1] <= n]
+    new._encoded = dict(pc._encoded)
+    if saved is not None:  # the fork keeps the branch point (and the logits there, for a regenerated reply)
+        new.snapshots[n] = saved
+        new.branches.add(n)
+    return new
 
 
 class CachePool:
@@ -67,7 +97,7 @@ class CachePool:
         self.model, self.max_bytes, self.cache_args, self.measure = model, max_bytes, cache_args, measure
         self.idle: OrderedDict[int, tuple[PromptCache, int]] = OrderedDict()  # id -> (cache, bytes), LRU first
         self.bytes = 0
-        self.hits = self.misses = self.evictions = 0
+        self.hits = self.misses = self.forks = self.evictions = 0
         self._replies: OrderedDict[str, array] = OrderedDict()  # reply text -> its ids (int32)
         self.reply_bytes, self._reply_size = reply_bytes, 0  # bound on the texts and ids remembered
 
@@ -75,22 +105,28 @@ class CachePool:
         return len(self.idle)
 
     def take(self, ids: list[int], adapter: str | None = None) -> PromptCache:
-        """The idle cache keeping the most of `ids` (removed from the pool), or a new one."""
+        """A cache for `ids` holding as much of it as any idle cache can give: that cache itself when
+        `ids` extends all of it (removed from the pool), a fork of its prefix otherwise, or a new one."""
         best, kept = None, 0
         adapter = resolve(self.model, adapter)  # a LoRA adapter's caches serve only that adapter
         for key, (pc, _) in self.idle.items():
             if pc.adapter != adapter:
                 continue
             k = kept_prefix(pc, ids)
-            if k > kept and 2 * k >= len(pc.tokens):  # most of it is kept: the same conversation
+            if k > kept or (k == kept and k == len(pc.tokens)):  # ties: the one taken whole, no copy
                 best, kept = key, k
-        if best is None:
-            self.misses += 1
-            return PromptCache(self.model, **self.cache_args, adapter=adapter)
-        self.hits += 1
-        pc, size = self.idle.pop(best)
-        self.bytes -= size
-        return pc
+        if best is not None and kept == len(self.idle[best][0].tokens):
+            self.hits += 1
+            pc, size = self.idle.pop(best)
+            self.bytes -= size
+            return pc
+        if best is not None and kept >= min(MIN_FORK, len(ids) - 1):
+            self.forks += 1
+            pc = self.idle[best][0]
+            self.idle.move_to_end(best)  # shared: recently used
+            return fork(pc, kept)
+        self.misses += 1
+        return PromptCache(self.model, **self.cache_args, adapter=adapter)
 
     def give(self, pc: PromptCache) -> None:
         """Put a cache back (most recently used); drop the least recently used beyond `max_bytes`."""

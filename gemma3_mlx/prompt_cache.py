@@ -55,11 +55,12 @@ def _image_key(pixels) -> str:
     return hashlib.sha256(a.tobytes() + str(a.shape).encode()).hexdigest()[:24]
 
 
-def _chunk_bounds(start: int, end: int, chunk: int, spans) -> list[tuple[int, int]]:
-    """Prefill chunks of about `chunk` tokens that never cut an image block in two."""
+def _chunk_bounds(start: int, end: int, chunk: int, spans, marks=()) -> list[tuple[int, int]]:
+    """Prefill chunks of about `chunk` tokens that never cut an image block in two, and end at each
+    branch point in `marks` (where a snapshot is taken)."""
     bounds = []
     while start < end:
-        b = min(start + chunk, end)
+        b = min([start + chunk, end] + [m for m in marks if start < m < end])
         for a, z in spans:
             if a < b < z:
                 b = z  # extend to the end of the image block
@@ -93,6 +94,10 @@ class PromptCache:
         self.reprocessed = 0  # tokens the last prefill() had to run (for stats and tests)
         self.images: list[tuple[int, int, str]] = []  # (start, end, content key) of cached image blocks
         self._encoded: dict[str, mx.array] = {}
+        # Branch points: positions where the next prefill stops to snapshot (e.g. the end of a shared
+        # system prompt, set by a server's pool); their snapshots are the last to be evicted.
+        self.marks: frozenset[int] = frozenset()
+        self.branches: set[int] = set()
 
     @property
     def offset(self) -> int:
@@ -107,8 +112,12 @@ class PromptCache:
         last position's logits when given, so the same prompt again runs nothing."""
         n = len(self.tokens)
         self.snapshots[n] = ([_copy(c.state) if isinstance(c, WindowCache) else None for c in self.layers], logits)
-        while len(self.snapshots) > self.max_snapshots:
-            del self.snapshots[min(self.snapshots)]
+        if n in self.marks:
+            self.branches.add(n)
+        while len(self.snapshots) > self.max_snapshots:  # the oldest goes; a branch point only when all are
+            plain = [s for s in self.snapshots if s not in self.branches] or list(self.snapshots)
+            del self.snapshots[min(plain)]
+        self.branches &= self.snapshots.keys()
 
     def rewind(self, n: int) -> int:
         """Roll back to at most n tokens; returns the length actually kept (n itself when the rings
@@ -205,6 +214,29 @@ class PromptCache:
     def prefill_steps(self, ids: list[int], chunk: int = 512, images: list | None = None):
         """`prefill` one chunk at a time (an engine interleaves them with other sequences' decoding):
         yields None after each chunk but the last, then the last position's logits (1, V)."""
+        ids, start, spans, blocks, images, saved = self.begin(ids, images)
+        if saved is not None:
+            yield saved
+            return
+        bounds = _chunk_bounds(start, len(ids), chunk, spans, self.marks)
+        for i, (a, b) in enumerate(bounds):
+            inside = [(blk, img) for blk, img in zip(blocks, images) if a <= blk[0] < b]
+            feats = mx.concatenate([self._features(img) for _, img in inside]) if inside else None
+            last = i == len(bounds) - 1
+            out = self._run(ids[a:b], "last" if last else "none", feats, [(x - a, y - a) for x, y, _ in
+                                                                            (blk for blk, _ in inside)])
+            self.images += [blk for blk, _ in inside]
+            if b in self.marks:
+                self.snapshot()
+            if not last:
+                mx.eval([c.state for c in self.layers])  # bound the lazy graph: one chunk at a time
+                yield None
+        yield out
+
+    def begin(self, ids: list[int], images: list | None = None):
+        """Check a prompt and roll the cache back to what it keeps of it. Returns (ids, start, image
+        spans, image blocks, images, logits): `logits` are the saved last-position logits when the
+        whole prompt is cached (nothing to run; regenerating a reply), else None and ids[start:] must run."""
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("the prompt is empty")
@@ -230,23 +262,11 @@ class PromptCache:
         if common == len(ids) and saved is not None and saved[1] is not None:
             self.rewind(len(ids))  # e.g. regenerating a reply: the prompt is all cached
             self.reprocessed = 0
-            yield saved[1]
-            return
+            return ids, len(ids), spans, blocks, images, saved[1]
         common = min(common, len(ids) - 1)  # the last prompt token must run to give logits
         start = self.rewind(common)  # also drops the image blocks past `start`
         self.reprocessed = len(ids) - start
-        bounds = _chunk_bounds(start, len(ids), chunk, spans)
-        for i, (a, b) in enumerate(bounds):
-            inside = [(blk, img) for blk, img in zip(blocks, images) if a <= blk[0] < b]
-            feats = mx.concatenate([self._features(img) for _, img in inside]) if inside else None
-            last = i == len(bounds) - 1
-            out = self._run(ids[a:b], "last" if last else "none", feats, [(x - a, y - a) for x, y, _ in
-                                                                            (blk for blk, _ in inside)])
-            self.images += [blk for blk, _ in inside]
-            if not last:
-                mx.eval([c.state for c in self.layers])  # bound the lazy graph: one chunk at a time
-                yield None
-        yield out
+        return ids, start, spans, blocks, images, None
 
     # ------------------------------------------------------------------ files
 
