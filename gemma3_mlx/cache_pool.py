@@ -135,7 +135,12 @@ class CachePool:
         size = self.measure(pc)
         self.idle[id(pc)] = (pc, size)
         self.bytes += size
-        while self.bytes > self.max_bytes and self.idle:
+        self.shrink(self.max_bytes)
+
+    def shrink(self, max_bytes: int) -> None:
+        """Drop the least recently used caches until the pool holds at most `max_bytes` (the server's
+        admission by memory makes room for a request this way)."""
+        while self.bytes > max_bytes and self.idle:
             _, (_, dropped) = self.idle.popitem(last=False)
             self.bytes -= dropped
             self.evictions += 1
