@@ -22,11 +22,15 @@ from collections import deque
 from typing import NamedTuple
 
 import mlx.core as mx
+import numpy as np
 
+from . import constrain
 from .adapters import select
 from .cache import ROLLBACK
+from .prefill import Fill, plan, run_rows
 from .prompt_cache import PromptCache, check_ids
-from .sample import Sampler, make_sampler
+from .sample import Sampler
+from .settings import DEFAULT, Sampling
 from .speculate import paying, run_round
 
 STOP_IDS = (1, 106)  # <eos>, <end_of_turn>: the one list of default stop tokens
@@ -81,10 +85,13 @@ class Event(NamedTuple):
 
 
 class _Sequence:
-    def __init__(self, uid, prompt, cache, sampler, max_tokens, stop_ids, logprobs, steps, draft=None, k=0):
+    def __init__(self, uid, prompt, cache, sampler, max_tokens, stop_ids, logprobs, steps, draft=None, k=0,
+                 matcher=None):
         self.uid, self.prompt, self.cache, self.sampler = uid, prompt, cache, sampler
         self.max_tokens, self.stop_ids, self.logprobs = max_tokens, frozenset(stop_ids), logprobs
-        self.steps = steps  # the prompt cache's prefill, one chunk per next()
+        self.matcher = matcher  # llguidance matcher of the row's constraint: it has consumed every token read
+        self.steps = steps  # the prompt cache's prefill, one chunk per next() (a prompt with images)
+        self.fill = None  # batched prefill's progress (prefill.Fill), for a text-only prompt
         self.tokens: list[int] = []  # generated and read back
         self.history = None  # prompt + sampled tokens on the device, for a repetition penalty
         self.cancelled = False
@@ -119,10 +126,11 @@ class Engine:
     """
 
     def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int = 512, kv_bits: int | None = None,
-                 kv_group_size: int = 64, value_bits: int | None = None, rollback: int = ROLLBACK):
+                 kv_group_size: int = 64, value_bits: int | None = None, rollback: int = ROLLBACK, tokenizer=None):
         if max_batch < 1 or prefill_chunk < 1 or rollback < 1:
             raise ValueError("max_batch, prefill_chunk and rollback must be >= 1")
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
+        self.tokenizer = tokenizer  # needed only by constrained sequences (the grammar reads token bytes)
         self.cache_args = {"kv_bits": kv_bits, "kv_group_size": kv_group_size, "value_bits": value_bits,
                            "rollback": rollback}
         self.waiting: deque[_Sequence] = deque()
@@ -136,18 +144,29 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, prompt, *, max_tokens: int = 256, sampler: Sampler | None = None, stop_ids=STOP_IDS,
-               images: list | None = None, cache: PromptCache | None = None, logprobs: int | None = None,
-               draft=None, draft_tokens: int = 4, adapter: str | None = None) -> int:
+    def submit(self, prompt, *, settings: Sampling | None = None, max_tokens: int | None = None,
+               sampler: Sampler | None = None, stop_ids=STOP_IDS, images: list | None = None,
+               cache: PromptCache | None = None, logprobs: int | None = None, draft=None,
+               draft_tokens: int = 4, adapter: str | None = None) -> int:
         """Queue a sequence; returns its uid. `adapter`: the attached LoRA adapter this sequence runs
         (adapters.py; default: the model's own, if any), a model choice, kept out of the sampling settings. `prompt`: token ids (image blocks expanded, with one
-        preprocessed image per block in `images`). `cache`: a PromptCache to continue (its common
-        prefix with the prompt is reused, and it holds prompt + reply afterwards). `logprobs`: also
-        report each token's log-probability and this many alternatives (0-20). `draft`: a proposer
-        (speculate.DraftModel or PromptLookup) for speculative decoding, starting at `draft_tokens`
-        per round (adapted to the acceptance, at most the caches' rollback)."""
+        preprocessed image per block in `images`). `settings`: how to sample (settings.Sampling: the
+        draw, max_tokens, and a constraint the reply must match; stop strings are the text layer's);
+        `sampler` (a Sampler kept across calls, for its random stream) and `max_tokens` override
+        theirs. `cache`: a PromptCache to continue (its common prefix with the prompt is reused, and
+        it holds prompt + reply afterwards). `logprobs`: also report each token's log-probability and
+        this many alternatives (0-20). `draft`: a proposer (speculate.DraftModel or PromptLookup) for
+        speculative decoding, starting at `draft_tokens` per round (adapted to the acceptance, at most
+        the caches' rollback)."""
+        settings = settings or DEFAULT
+        max_tokens = settings.max_tokens if max_tokens is None else max_tokens
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
+        matcher = None
+        if settings.constraint is not None:
+            if self.tokenizer is None:
+                raise ValueError("a constrained sequence needs the engine's tokenizer: Engine(model, tokenizer=...)")
+            matcher = settings.constraint.matcher(self.vocabulary)
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise ValueError(f"logprobs must be between 0 and 20 (got {logprobs})")
         if cache is None:
@@ -164,8 +183,8 @@ class Engine:
         if draft is not None and self.model.group is not None:
             raise ValueError("speculative decoding does not run split across ranks (--parallel)")
         k = max(1, min(draft_tokens, self.cache_args["rollback"]))
-        seq = _Sequence(next(self._uids), prompt, cache, sampler or make_sampler(), max_tokens, stop_ids, logprobs,
-                        steps, draft, k)
+        seq = _Sequence(next(self._uids), prompt, cache, sampler or settings.sampler(), max_tokens, stop_ids,
+                        logprobs, steps, draft, k, matcher)
         self.waiting.append(seq)
         return seq.uid
 
@@ -174,6 +193,11 @@ class Engine:
         for seq in itertools.chain(self.waiting, self.rows, self.spec):
             if seq.uid == uid:
                 seq.cancelled = self._cancels = True
+
+    @property
+    def vocabulary(self) -> constrain.Vocabulary:
+        """The tokenizer as the constraint library reads it, for this model's logits width (built once)."""
+        return constrain.vocabulary(self.tokenizer, self.model.config.text.vocab_size)
 
     @property
     def has_work(self) -> bool:
@@ -204,9 +228,18 @@ class Engine:
         if not self.rows:
             return events
         asked = any(s.logprobs is not None for s in self.rows)
+        ended = ()
         try:
-            new = self._decode(asked)
-            values = self.pending.tolist()  # step n's tokens: the device is already on step n+1
+            if any(s.matcher is not None for s in self.rows):
+                # Constrained rows: queue step n+1's forward pass, then read step n's tokens, advance the
+                # matchers and fill the masks on the host while the device runs; only then sample n+1.
+                logits = self._forward()
+                values = self.pending.tolist()
+                ended = [self._advance(seq, tok) for seq, tok in zip(self.rows, values)]
+                new = self._sample(logits, asked, self._masks(self.rows))
+            else:
+                new = self._sample(self._forward(), asked)
+                values = self.pending.tolist()  # step n's tokens: the device is already on step n+1
             lps = [self._read_logprobs(seq) for seq in self.rows] if asked else None
         except BaseException:  # e.g. Ctrl-C: put every layer back where the rows are
             self._realign()
@@ -215,11 +248,15 @@ class Engine:
         for i, (seq, tok) in enumerate(zip(self.rows, values)):
             seq.tokens.append(tok)
             finish = "stop" if tok in seq.stop_ids else "length" if len(seq.tokens) >= seq.max_tokens else None
+            if ended and ended[i]:  # the constraint is complete: the row ends after this token, which it keeps
+                finish = "done"
             if lps is None:
-                events.append(Event(seq.uid, tok, finish, seq.stats()))
+                events.append(Event(seq.uid, tok, _public(finish), seq.stats()))
             else:
-                events.append(Event(seq.uid, tok, finish, seq.stats(), *lps[i]))
+                events.append(Event(seq.uid, tok, _public(finish), seq.stats(), *lps[i]))
                 seq.lp_pending, seq.lp_next = seq.lp_next, None
+            if finish == "done":
+                events.append(Event(seq.uid, None, "stop", seq.stats()))
             if finish:
                 leaving.append((i, finish))
         self.pending = new
@@ -245,28 +282,78 @@ class Engine:
         return events
 
     def _prefill(self) -> list[Event]:
-        """Prefill waiting sequences while there is room in the batch: about `prefill_chunk` prompt
-        tokens per step while others decode (a long prompt does not stall them), and every waiting
-        prompt at once when nothing decodes (a batch starts together)."""
+        """Prefill waiting sequences while there is room in the batch, several prompts per forward
+        pass (prefill.py): about `prefill_chunk` prompt tokens per step while others decode (a long
+        prompt does not stall them), and every waiting prompt at once when nothing decodes (a batch
+        starts together). A prompt with images runs alone (prompt_cache.py keeps its blocks whole)."""
         events, budget = [], self.prefill_chunk
         idle = not (self.rows or self.spec)
-        while self.waiting and len(self.rows) + len(self.spec) < self.max_batch and (idle or budget > 0):
-            seq = self.waiting[0]
-            before = len(seq.cache.tokens)
+        while self.waiting and (idle or budget > 0):
+            group = list(itertools.islice(self.waiting, self.max_batch - len(self.rows) - len(self.spec)))
+            if not group:
+                break
+            if not self._batchable(group[0]):
+                events += self._prefill_alone(group[0])
+                budget -= self.prefill_chunk
+                continue
+            group = [s for s in group if self._batchable(s)]
+            for seq in group:
+                if seq.fill is None:
+                    try:
+                        seq.fill = Fill(seq.cache, seq.prompt)
+                    except BaseException:
+                        self.waiting.remove(seq)
+                        raise
+            cached = [s for s in group if s.fill.logits is not None]  # the whole prompt came from its cache
+            for seq in cached:
+                self.waiting.remove(seq)
+                events += self._join(seq, seq.fill.logits) or []
+            if cached:
+                continue
+            needs = [s.fill.need(self.prefill_chunk) for s in group]
+            length = plan(needs, self.cache_args["rollback"] // 2)
+            spent = list(itertools.accumulate(min(n, length) for n in needs))
+            if not idle:  # at least one row; more while they fit the step's budget
+                group = group[: max(1, sum(1 for x in spent if x <= budget))]
             try:
-                logits = next(seq.steps)
+                outs = run_rows(self.model, [s.fill for s in group], length)
             except BaseException:
-                self.waiting.popleft()  # its cache stays consistent (prompt_cache.py realigns it)
+                for seq in group:
+                    self.waiting.remove(seq)
+                    seq.cache.realign()
                 raise
-            budget -= max(len(seq.cache.tokens) - before, 1)
-            if logits is not None:
-                self.waiting.popleft()
-                events += self._join(seq, logits) or []
+            budget -= spent[len(group) - 1]
+            for seq, logits in zip(group, outs):
+                if logits is not None:
+                    self.waiting.remove(seq)
+                    events += self._join(seq, logits) or []
+            going = [c.state for s in group if not s.fill.done for c in s.cache.layers]
+            if going:
+                mx.eval(going)  # bound the lazy graph: one pass at a time
         return events
+
+    def _batchable(self, seq: _Sequence) -> bool:
+        """A text-only prompt (images go through their PromptCache's own steps)."""
+        cfg = self.model.config
+        return cfg.vision is None or cfg.image_token_index not in seq.prompt
+
+    def _prefill_alone(self, seq: _Sequence) -> list[Event]:
+        """One chunk of a prompt with images, through its PromptCache's own steps."""
+        try:
+            logits = next(seq.steps)
+        except BaseException:
+            self.waiting.remove(seq)  # its cache stays consistent (prompt_cache.py realigns it)
+            raise
+        if logits is None:
+            return []
+        self.waiting.remove(seq)
+        return self._join(seq, logits) or []
 
     def _join(self, seq: _Sequence, logits: mx.array) -> None:
         if seq.sampler.uses_history:
             seq.history = mx.array(seq.prompt)
+        if seq.matcher is not None:
+            logits = _masked(logits, self._masks([seq]))
         first = self.model.agree(seq.sampler(logits, seq.history if seq.history is not None else ()))
         if seq.logprobs is not None:
             self._logprobs(logits, first, [seq])
@@ -294,7 +381,7 @@ class Engine:
 
     def _round(self, seq: _Sequence) -> list[Event]:
         """One speculative round of one row (speculate.run_round), then its tokens out."""
-        out = run_round(seq, self.model.config.text.vocab_size)
+        out = run_round(seq, self.model.config.text.vocab_size, self._check_drafts if seq.matcher is not None else None)
         events = self._emit_spec(seq, out)
         if seq in self.spec and seq.rounds >= 8 and not paying(seq):
             self._to_plain(seq)
@@ -307,7 +394,11 @@ class Engine:
         for tok in out:
             seq.tokens.append(tok)
             finish = "stop" if tok in seq.stop_ids else "length" if len(seq.tokens) >= seq.max_tokens else None
-            events.append(Event(seq.uid, tok, finish, seq.stats()))
+            if self._advance(seq, tok):
+                finish = "done"
+            events.append(Event(seq.uid, tok, _public(finish), seq.stats()))
+            if finish == "done":
+                events.append(Event(seq.uid, None, "stop", seq.stats()))
             if finish:
                 self.spec.remove(seq)
                 self._finish_spec(seq, finish)
@@ -317,6 +408,7 @@ class Engine:
     @staticmethod
     def _finish_spec(seq: _Sequence, finish: str | None) -> None:
         """The row's cache ends holding prompt + reply (at most its last token not yet run)."""
+        seq.matcher = None
         extra = len(seq.cache.tokens) - (len(seq.prompt) + len(seq.tokens) - (finish == "stop"))
         if extra > 0:
             seq.cache.trim(extra)
@@ -330,17 +422,25 @@ class Engine:
         history = ()
         if seq.sampler.uses_history:
             history = seq.history = mx.array(seq.prompt + seq.tokens)
+        if seq.matcher is not None:
+            logits = _masked(logits, self._masks([seq]))
         nxt = seq.sampler(logits, history)
         if seq.history is not None:
             seq.history = mx.concatenate([seq.history, nxt])
         self._merge(seq, nxt)
 
-    def _decode(self, logprobs: bool):
-        """Queue one step for every row from the pending (lazy) tokens; returns the next tokens.
-        `logprobs`: some row asked for log-probabilities."""
+    def _forward(self) -> mx.array:
+        """Queue one forward pass for every row from the pending (lazy) tokens: logits (B, V)."""
         select(self.model, [s.cache.adapter for s in self.rows])  # each row's LoRA adapter (or none)
-        logits = self.model(self.pending[:, None], self.layers, logits="last")[:, -1, :]  # (B, V)
+        logits = self.model(self.pending[:, None], self.layers, logits="last")[:, -1, :]
+        mx.async_eval(logits)
+        return logits
+
+    def _sample(self, logits: mx.array, logprobs: bool, allowed: mx.array | None = None):
+        """Queue each row's draw from `logits` (masked to `allowed` for constrained rows); returns the
+        next tokens, lazily. `logprobs`: some row asked for log-probabilities (of the unmasked logits)."""
         rows = self.rows
+        raw, logits = logits, _masked(logits, allowed)
         if all(s.sampler.greedy for s in rows):
             new = self.model.agree(mx.argmax(logits, axis=-1))  # split across ranks: rank 0's tokens everywhere
         else:
@@ -350,7 +450,7 @@ class Engine:
                 if s.history is not None:
                     s.history = mx.concatenate([s.history, new[i : i + 1]])
         if logprobs:
-            self._logprobs(logits, new, rows)
+            self._logprobs(raw, new, rows)
             mx.async_eval(new, *(x for s in rows if s.lp_next for x in s.lp_next if x is not None))
         else:
             mx.async_eval(new)
@@ -389,6 +489,7 @@ class Engine:
         gone = {i for i, _ in leaving}
         for i, finish in leaving:
             seq = self.rows[i]
+            seq.matcher = None
             seq.cache.layers = self.layers if len(self.rows) == 1 else [c.select([i]) for c in self.layers]
             seq.cache.tokens = seq.prompt + seq.tokens  # every token read was also fed
             if finish == "stop":
@@ -410,3 +511,62 @@ class Engine:
             extra = [o - w for o, w in zip(c.offsets, want)]
             if any(extra):
                 c.trim(extra)
+
+    # ------------------------------------------------------------------ constraints
+
+    def _advance(self, seq: _Sequence, tok: int) -> bool:
+        """Feed a token read back to the row's matcher; True when the constraint is now complete (only
+        the end may follow). A token the constraint refuses cannot have been sampled: assert it."""
+        m = seq.matcher
+        if m is None:
+            return False
+        if tok in seq.stop_ids:
+            assert m.is_accepting(), f"row {seq.uid} stopped (token {tok}) before its constraint was complete"
+            return False
+        assert m.consume_token(tok), f"row {seq.uid} sampled token {tok}, which its constraint refuses: {m.get_error()}"
+        return m.is_stopped()
+
+    def _fill(self, rows: list[_Sequence]) -> np.ndarray | None:
+        """Host bitmask (B, words): each constrained row's allowed next tokens (its stop tokens where
+        the constraint allows the end), every token for the others. None when no row is constrained."""
+        live = [(s.matcher, i) for i, s in enumerate(rows) if s.matcher is not None]
+        if not live:
+            return None
+        mask = self.vocabulary.fill(live, len(rows))
+        bits = mask.view(np.uint32)
+        for m, i in live:
+            stops = rows[i].stop_ids
+            if constrain.allows(mask[i], constrain.EOS_ID):  # the end is allowed: as any of the row's stop tokens
+                for t in stops:
+                    bits[i, t >> 5] |= np.uint32(1 << (t & 31))
+                if constrain.EOS_ID not in stops:
+                    bits[i, constrain.EOS_ID >> 5] &= ~np.uint32(1 << constrain.EOS_ID)
+        return mask
+
+    def _masks(self, rows: list[_Sequence]) -> mx.array | None:
+        """The same as (B, V) booleans on the device."""
+        mask = self._fill(rows)
+        return None if mask is None else constrain.allowed(mask, self.vocabulary.width)
+
+    def _check_drafts(self, seq: _Sequence, drafts: list[int]) -> tuple[list[int], mx.array]:
+        """A speculating row's guesses against its constraint: the longest allowed run (consumed by the
+        matcher; the round rolls back what the target rejects) and the masks (n+1, V) for the target's
+        positions after [last] + that run."""
+        m, kept, rows = seq.matcher, [], []
+        for i in range(len(drafts) + 1):
+            rows.append(self._fill([seq])[0])
+            if i == len(drafts) or drafts[i] in seq.stop_ids or not constrain.allows(rows[-1], drafts[i]):
+                break
+            m.consume_token(drafts[i])
+            kept.append(drafts[i])
+        return kept, constrain.allowed(np.stack(rows), self.vocabulary.width)
+
+
+def _masked(logits: mx.array, allowed: mx.array | None) -> mx.array:
+    """Refused tokens at -inf (before temperature and the filters: see sample.py for the order)."""
+    return logits if allowed is None else mx.where(allowed, logits, mx.array(float("-inf"), logits.dtype))
+
+
+def _public(finish: str | None) -> str | None:
+    """A row whose constraint completed ends with a closing "stop" event after its last token."""
+    return None if finish == "done" else finish

@@ -1,0 +1,120 @@
+"""Batched prefill: several prompts' next chunks in one forward pass, each row at its own position.
+
+The engine (engine.py) picks the rows and the pass length L; `Fill` is one prompt's progress and
+`run_rows` runs one pass. Rows are text-only prompts (a prompt with images keeps the one-row path
+in prompt_cache.py, whose chunks never cut an image block). Each row brings its own PromptCache:
+their layers are merged into one batch (cache.py merge: every row keeps its own offset, so the
+masks and RoPE positions are per row), and each row gets its layers back after the pass.
+
+A row whose chunk is shorter than L is padded at the end with at most `max_pad` tokens, which the
+caches then take back exactly (a window ring's `rollback` covers them: a pad overwrites only slots
+the window already excludes). So several prompts of nearly the same length finish in one pass, and
+prompts of very different lengths share passes of the shortest one's length, with no wasted work.
+Only the last real position of each finishing row goes through the output head.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import mlx.core as mx
+
+from .adapters import select
+from .cache import WindowCache
+from .prompt_cache import PromptCache
+
+PAD = 0  # <pad>: what a padded position holds (its keys are taken back, never seen by a real query)
+
+
+class Fill:
+    """One prompt being prefilled: its ids (after PromptCache.begin) and how far the cache holds them."""
+
+    def __init__(self, cache: PromptCache, prompt: list[int]):
+        self.cache = cache
+        self.ids, self.pos, _, _, _, self.logits = cache.begin(prompt)  # logits: the whole prompt was cached
+
+    def need(self, chunk: int) -> int:
+        """Tokens up to the end of the next chunk: at most `chunk`, ending at a branch point if one comes first."""
+        stops = [m for m in self.cache.marks if self.pos < m < len(self.ids)] + [len(self.ids), self.pos + chunk]
+        return min(stops) - self.pos
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.ids)
+
+
+def plan(needs: list[int], max_pad: int) -> int:
+    """The pass length for rows needing `needs` tokens: the longest need within `max_pad` of the
+    shortest (rows needing more take that many; rows needing less are padded by at most max_pad)."""
+    shortest = min(needs)
+    return max(n for n in needs if n <= shortest + max_pad)
+
+
+def run_rows(model, fills: list[Fill], length: int) -> list[mx.array | None]:
+    """One forward pass over the rows: each takes min(need, length) tokens of its prompt. Returns,
+    per row, the logits (1, V) after its last prompt token when this pass finished its prompt, else None."""
+    chunks = [f.ids[f.pos : f.pos + length] for f in fills]
+    finishing = [f.pos + len(c) == len(f.ids) for f, c in zip(fills, chunks)]
+    if len(fills) == 1:  # one row: the PromptCache's own path, exactly as a prompt alone
+        f = fills[0]
+        out = f.cache._run(chunks[0], "last" if finishing[0] else "none")  # it adds the tokens itself
+        return [_advance(f, len(chunks[0]), out, ran=True)]
+    B, L = len(fills), max(len(c) for c in chunks)
+    pads = [L - len(c) for c in chunks]
+    layers = _merged([f.cache.layers for f in fills])
+    select(model, [f.cache.adapter for f in fills])
+    ids = mx.array([c + [PAD] * p for c, p in zip(chunks, pads)])
+    h = model(ids, layers, logits="hidden" if any(finishing) else "none")  # (B, L, D): final-norm states
+    if any(pads):
+        for c in layers:
+            c.trim(pads)
+    logits = None
+    if any(finishing):
+        last = h[mx.arange(B), mx.array([len(c) - 1 for c in chunks])]  # each row's last real position
+        logits = model.head(last[:, None, :])[:, 0, :]  # (B, V)
+    out = []
+    for i, f in enumerate(fills):
+        f.cache.layers = [c.select([i]) for c in layers]
+        out.append(_advance(f, len(chunks[i]), logits[i : i + 1] if finishing[i] else None))
+    return out
+
+
+def _advance(f: Fill, n: int, logits, ran: bool = False):
+    pc = f.cache
+    if not ran:
+        pc.tokens.extend(f.ids[f.pos : f.pos + n])
+    f.pos += n
+    if f.pos in pc.marks:
+        pc.snapshot()  # a branch point: other conversations may start from here
+    return logits
+
+
+def _merged(rows: list[list]) -> list:
+    """The rows' per-layer caches as one batch (a row with nothing cached yet gets empty storage of
+    the others' shape; when no row holds anything, an empty cache of B rows)."""
+    out = []
+    for per_row in zip(*rows):
+        held = [c for c in per_row if c.keys is not None]
+        if not held:
+            c = copy.copy(per_row[0])
+            c.offsets = [0] * len(per_row)
+            if isinstance(c, WindowCache):
+                c.his = [0] * len(per_row)
+            out.append(c)
+            continue
+        for c in per_row:
+            if c.keys is None:
+                c.keys, c.values = _empty_like(held[0].keys, c), _empty_like(held[0].values, c)
+        merged = per_row[0]
+        for c in per_row[1:]:
+            merged = merged.merge(c)
+        out.append(merged)
+    return out
+
+
+def _empty_like(a, cache):
+    """Storage for a cache holding nothing: a ring of zeros (slots beyond the offset are never seen),
+    or a global cache of no slots (it grows on the first write)."""
+    if isinstance(a, tuple):
+        return tuple(_empty_like(x, cache) for x in a)
+    return mx.zeros_like(a) if isinstance(cache, WindowCache) else a[..., :0, :]
