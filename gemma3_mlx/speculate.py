@@ -126,7 +126,7 @@ def accept_sampled(p: mx.array, q: mx.array | None, drafts: list[int], key=None)
     return drafts[:a] + [draws[a]]
 
 
-def run_round(seq, vocab: int) -> list[int]:
+def run_round(seq, vocab: int, check_drafts=None) -> list[int]:
     """One round for one sequence (the engine's row: prompt, tokens, cache, sampler, draft, k and
     counters): propose k tokens, check them all in one target pass, keep those the target agrees
     with plus its own next token, take the rest back from the cache; returns the tokens out.
@@ -141,8 +141,14 @@ def run_round(seq, vocab: int) -> list[int]:
     # A guess the target has no row for (a larger draft table) ends the guesses.
     n = next((i for i, t in enumerate(drafts[: seq.k]) if t >= vocab), min(len(drafts), seq.k))
     drafts, q = drafts[:n], (q[:n, :vocab] if q is not None else None)
+    allowed = None
+    if check_drafts is not None:  # a constrained row: guesses end at the first its constraint refuses
+        drafts, allowed = check_drafts(seq, drafts)
+        n, q = len(drafts), (q[: len(drafts)] if q is not None else None)
     t1 = time.perf_counter()
     logits = seq.cache.feed([ctx[-1]] + drafts, logits="all")  # (k+1, V)
+    if allowed is not None:
+        logits = mx.where(allowed, logits, mx.array(float("-inf"), logits.dtype))
     if seq.sampler.greedy:
         out = accept_greedy(logits, drafts)
     else:
@@ -153,6 +159,8 @@ def run_round(seq, vocab: int) -> list[int]:
         out = accept_sampled(p, q, drafts, seq.sampler.next_key())
     kept = len(out) - 1
     seq.cache.trim(n - kept)
+    if allowed is not None and n > kept:
+        seq.matcher.rollback(n - kept)  # the matcher goes back with the cache (its last token out is fed by the engine)
     t2 = time.perf_counter()
     seq.proposed, seq.accepted, seq.rounds = seq.proposed + n, seq.accepted + kept, seq.rounds + 1
     if probe:
