@@ -78,7 +78,7 @@ def warn_if_base(path: Path, config, advice: str) -> None:
     """One line when a base model is about to be used as a chat model. `advice` names {it}, a model to use instead."""
     if config.instruction_tuned is False:
         it = "-m google/gemma-3-270m-it" if path.name == DEFAULT_MODEL else "an instruction-tuned (-it) model"
-        _warn(f"{path.name} is a base model: it continues text, it does not chat; " + advice.format(it=it))
+        _warn(f"{path.name} is a base model: " + advice.format(it=it))
 
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Model directory, .gguf file, converted model name or hub id "
@@ -138,7 +138,7 @@ def generate(
         if tokenizer is None:
             fail("the model has no tokenizer.model")
         if not raw:
-            warn_if_base(path, model_obj.config, "add --raw, or use {it}")
+            warn_if_base(path, model_obj.config, "it continues text, it does not chat; add --raw, or use {it}")
         draft = open_model(resolve_model(draft_model), dtype=dtype)[0] if draft_model else None
         if prompt == "-":
             prompt = shared_stdin(group)
@@ -444,7 +444,7 @@ def chat(
             fail("the model has no tokenizer.model")
         if pending and model_obj.config.vision is None:
             fail(f"{path.name} is a text-only model: it cannot see images")
-        warn_if_base(path, model_obj.config, "chat with {it}, or continue a text with gemma3 generate --raw")
+        warn_if_base(path, model_obj.config, "it chats through a plain transcript; for better answers use {it}")
         draft = open_model(resolve_model(draft_model))[0] if draft_model else None
         session = ChatSession(model_obj, tokenizer, system=system, pan_and_scan=pan_and_scan, draft_model=draft,
                               prompt_lookup=prompt_lookup,
@@ -470,6 +470,11 @@ def serve(
                                            "processes mlx.launch starts; rank 0 listens (see the README)."),
     adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="NAME=PATH: also serve this LoRA adapter "
                                                 "as model NAME, on the same base (repeatable)."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="A smaller Gemma 3 guessing ahead "
+                                              "(speculative decoding; same text, faster when its guesses hold)."),
+    speculative: Optional[str] = typer.Option(None, "--speculative", help="The default for requests: draft, "
+                                              "prompt-lookup or off (default: draft with --draft-model, else off); "
+                                              "a request's \"speculative\" field overrides it."),
     quiet: bool = QuietOpt,
 ):
     """Serve a model over the OpenAI API (chat and text completions, streaming, images) on localhost.
@@ -485,6 +490,13 @@ def serve(
         if kv_bits is not None and kv_bits not in (4, 8):
             fail(f"--kv-bits must be 4 or 8 (got {kv_bits})")
         no_parallel_adapter(parallel, adapter)
+        speculative = speculative or ("draft" if draft_model else "off")
+        if speculative not in ("draft", "prompt-lookup", "off"):
+            fail(f"--speculative must be draft, prompt-lookup or off (got {speculative!r})")
+        if speculative == "draft" and not draft_model:
+            fail("--speculative draft needs --draft-model MODEL")
+        if parallel and (draft_model or speculative != "off"):
+            fail("--parallel does not combine with speculative decoding (--draft-model, --speculative)")
         adapters = serve_adapters(adapter or [])  # a bad name fails before loading anything
         rank = distributed.rank_from_env() if parallel else 0
         sock = server.bind(host, port) if rank == 0 else None  # before loading: a port in use fails at once
@@ -502,6 +514,9 @@ def serve(
             server.follow(model_obj, tokenizer, group, **settings)
             return
         names = (path.name,) + ((model,) if model and model != path.name else ())
+        if draft_model:
+            settings.update(draft_model=open_model(resolve_model(draft_model))[0])
+        settings.update(speculative=speculative)
         if set(names) & set(adapters):
             fail(f"--adapter {next(iter(set(names) & set(adapters)))}=...: that name is the base model's")
         split = f" on {group.size()} ranks ({parallel} parallel)" if group is not None else ""

@@ -22,12 +22,13 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from . import serve_api as api
-from .serve_worker import Worker
+from . import serve_ollama
+from .serve_worker import SPECULATIVE, Worker
 
 MAX_BODY = 25 << 20  # bytes: a few images as base64
 
@@ -41,8 +42,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _error(e: api.ApiError) -> JSONResponse:
+def _error(e: api.ApiError, request: Request | None = None) -> JSONResponse:
+    if request is not None and request.url.path.startswith("/api/"):  # Ollama's shape
+        return JSONResponse({"error": e.message}, status_code=e.status)
     return JSONResponse(e.body(), status_code=e.status)
+
+
+def _speculative(body: dict) -> str | None:
+    """The request's "speculative" extension field: "draft", "prompt-lookup" or "off" (None: the server's)."""
+    how = body.get("speculative")
+    if how is not None and how not in SPECULATIVE:
+        raise api.ApiError(400, f"speculative: one of {', '.join(SPECULATIVE)} (got {how!r})", param="speculative")
+    return how
 
 
 def _sse(obj) -> bytes:
@@ -50,14 +61,15 @@ def _sse(obj) -> bytes:
 
 
 class _EventStream:
-    """A text/event-stream ASGI response that cancels its job if the client goes away."""
+    """A streamed ASGI response (server-sent events, or Ollama's NDJSON) that cancels its job if the
+    client goes away."""
 
-    def __init__(self, chunks):
-        self.chunks = chunks
+    def __init__(self, chunks, media_type: bytes = b"text/event-stream; charset=utf-8"):
+        self.chunks, self.media_type = chunks, media_type
 
     async def __call__(self, scope, receive, send):
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                    "headers": [(b"content-type", self.media_type), (b"cache-control", b"no-cache"),
                                 (b"x-accel-buffering", b"no")]})
         try:
             async for chunk in self.chunks:
@@ -139,15 +151,15 @@ def make_app(worker: Worker, model_names: tuple[str, ...], *, api_key: str | Non
         if size is not None and size.isdigit() and int(size) > max_body:
             raise api.ApiError(413, f"the request body is over {max_body} bytes", code="body_too_large")
         data, n = [], 0
-        async for chunk in request.stream():
-            n += len(chunk)
-            if n > max_body:
-                raise api.ApiError(413, f"the request body is over {max_body} bytes", code="body_too_large")
-            data.append(chunk)
         try:
-            body = json.loads(b"".join(data))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise api.ApiError(400, f"malformed JSON: {e}", code="invalid_json") from None
+            async for chunk in request.stream():
+                n += len(chunk)
+                if n > max_body:
+                    raise api.ApiError(413, f"the request body is over {max_body} bytes", code="body_too_large")
+                data.append(chunk)
+        except ClientDisconnect:  # it left halfway through its body: nobody will read the answer
+            raise api.ApiError(400, "the client went away before sending the whole body") from None
+        body = api.parse_json(b"".join(data))
         if not isinstance(body, dict):
             raise api.ApiError(400, "the request body must be a JSON object", code="invalid_json")
         return body
@@ -161,6 +173,7 @@ def make_app(worker: Worker, model_names: tuple[str, ...], *, api_key: str | Non
         else:
             job, opts = api.completion_job(body, served, req.send)
         job.adapter = opts["model"] if opts["model"] in adapters else None  # a model choice: not a sampling setting
+        job.speculative = _speculative(body)
         shapes = api.Shapes(chat, opts["model"], tokenizer, ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex)
         req.start(job)
         try:
@@ -206,20 +219,22 @@ def make_app(worker: Worker, model_names: tuple[str, ...], *, api_key: str | Non
         return PlainTextResponse(prometheus(worker), media_type="text/plain; version=0.0.4")
 
     async def api_error(request, e: api.ApiError):
-        return _error(e)
+        return _error(e, request)
 
     async def http_error(request, e: HTTPException):
         what = "no such route" if e.status_code == 404 else e.detail
         return _error(api.ApiError(e.status_code, f"{request.method} {request.url.path}: {what}",
-                                   code="not_found" if e.status_code == 404 else None))
+                                   code="not_found" if e.status_code == 404 else None), request)
 
     async def server_error(request, e: Exception):
-        return _error(api.ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+        return _error(api.ApiError(500, f"internal error: {type(e).__name__}: {e}"), request)
 
     routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/models", list_models), Route("/v1/models/{name:path}", get_model),
               Route("/health", health), Route("/metrics", metrics)]
+    routes += serve_ollama.routes(worker, model_names, read_json=read_json, authorize=authorize,
+                                  open_request=lambda request: _Request(worker, request), stream=_EventStream)
     middleware = [Middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST"],
                              allow_headers=["authorization", "content-type"])] if cors else []
     return Starlette(routes=routes, middleware=middleware,
@@ -277,9 +292,16 @@ def prometheus(worker: Worker) -> str:
         ("prompt_tokens_total", "counter", "Prompt tokens of finished requests.", c["prompt_tokens"]),
         ("cached_prompt_tokens_total", "counter", "Prompt tokens that came from the cache.", c["cached_tokens"]),
         ("generated_tokens_total", "counter", "Tokens generated.", c["generated_tokens"]),
+        ("speculative_requests_total", "counter", "Requests that started speculating.", c["speculative_requests"]),
+        ("draft_tokens_total", "counter", "Speculative tokens proposed.", c["draft_tokens"]),
+        ("draft_accepted_tokens_total", "counter", "Speculative tokens the model kept.", c["accepted_tokens"]),
         ("queue_depth", "gauge", "Requests waiting for a row in the batch.", g["queue_depth"]),
         ("active_sequences", "gauge", "Sequences in the batch.", g["active_sequences"]),
         ("kv_cache_bytes", "gauge", "KV cache memory: running sequences and the cache pool.", g["kv_bytes"]),
+        ("kv_reserved_bytes", "gauge", "KV cache the admitted requests may grow to (their worst case).",
+         g.get("kv_reserved_bytes", 0)),
+        ("kv_budget_bytes", "gauge", "Memory for KV caches (running and pooled) on this machine.",
+         g.get("kv_budget_bytes", 0)),
         ("cache_pool_bytes", "gauge", "Memory of the idle conversation caches.", g["pool_bytes"]),
         ("cache_pool_entries", "gauge", "Idle conversation caches.", g["pool_entries"]),
         ("mlx_active_memory_bytes", "gauge", "Memory MLX holds in arrays.", mx.get_active_memory()),
@@ -308,7 +330,8 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(model, tokenizer, model_names: tuple[str, ...], *, host: str = "127.0.0.1", port: int = 8080,
           api_key: str | None = None, cors: list[str] | None = None, max_batch: int = 8, cache_gb: float = 2.0,
           kv_bits: int | None = None, max_queue: int = 64, max_body: int = MAX_BODY, log_level: str = "warning",
-          sock: socket.socket | None = None, on_ready=None, group=None) -> None:
+          sock: socket.socket | None = None, on_ready=None, group=None, draft_model=None,
+          speculative: str = "off") -> None:
     """Serve until interrupted (blocks). Refuses a non-loopback host without an API key. `sock`: a socket
     from `bind` (else one is bound to host:port here). `group`: the model is split across these ranks
     (this is rank 0; every other rank runs `follow` with the same settings)."""
@@ -316,7 +339,7 @@ def serve(model, tokenizer, model_names: tuple[str, ...], *, host: str = "127.0.
         raise ValueError(f"--host {host} listens beyond this machine: give --api-key too (or use 127.0.0.1)")
     sock = sock or bind(host, port)
     worker = _worker(model, tokenizer, group, max_batch=max_batch, cache_gb=cache_gb, kv_bits=kv_bits,
-                     max_queue=max_queue)
+                     max_queue=max_queue, draft_model=draft_model, speculative=speculative)
     worker.start()
     app = make_app(worker, model_names, api_key=api_key, cors=cors, max_body=max_body)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
@@ -338,9 +361,10 @@ def follow(model, tokenizer, group, *, max_batch: int = 8, cache_gb: float = 2.0
             max_queue=max_queue).follow()
 
 
-def _worker(model, tokenizer, group, *, max_batch: int, cache_gb: float, kv_bits: int | None, max_queue: int) -> Worker:
+def _worker(model, tokenizer, group, *, max_batch: int, cache_gb: float, kv_bits: int | None, max_queue: int,
+            draft_model=None, speculative: str = "off") -> Worker:
     return Worker(model, tokenizer, max_batch=max_batch, cache_bytes=int(cache_gb * 2**30), kv_bits=kv_bits,
-                  max_queue=max_queue, group=group)
+                  max_queue=max_queue, group=group, draft_model=draft_model, speculative=speculative)
 
 
 def _notify_when_started(server: uvicorn.Server, on_ready) -> None:

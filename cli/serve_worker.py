@@ -34,7 +34,9 @@ from ..engine import STOP_IDS, Engine
 from ..errors import Gemma3Error
 from ..prompt import prompt_ids
 from ..sample import make_sampler
+from ..speculate import DraftModel, PromptLookup
 from ..tokenizer import StreamingDetokenizer
+from .serve_admission import Admission
 
 # Seconds an idle server split across ranks waits for a request before telling the other ranks "nothing".
 # MLX's ring backend spins a core while a collective waits, so after a few idle turns the other ranks
@@ -58,6 +60,7 @@ class Job:
     sampling: dict = field(default_factory=dict)  # make_sampler's arguments
     stops: list[str] = field(default_factory=list)
     logprobs: int | None = None
+    speculative: str | None = None  # "draft", "prompt-lookup" or "off"; None: the server's default
     adapter: str | None = None  # the LoRA adapter the request's `model` names (None: the base)
     # the model thread's bookkeeping
     uid: int | None = None
@@ -88,18 +91,35 @@ def _nobody(item: tuple) -> None:
     pass
 
 
+SPECULATIVE = ("off", "prompt-lookup", "draft")
+
+
+def check_speculative(how: str, draft_model) -> None:
+    if how not in SPECULATIVE:
+        raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)} (got {how!r})")
+    if how == "draft" and draft_model is None:
+        raise ValueError("speculative \"draft\" needs a draft model (gemma3 serve --draft-model MODEL)")
+
+
 class Worker(threading.Thread):
     """`group`: the ranks one model is split across (rank 0 takes requests; the others call follow())."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, cache_bytes: int = 2 << 30,
-                 kv_bits: int | None = None, max_queue: int = 64, prefill_chunk: int = 512, group=None):
+                 kv_bits: int | None = None, max_queue: int = 64, prefill_chunk: int = 512, group=None,
+                 memory: int | None = None, draft_model=None, speculative: str = "off"):
         super().__init__(name="gemma3-model", daemon=True)
         self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(model, max_batch=max_batch, prefill_chunk=prefill_chunk, kv_bits=kv_bits)
+        check_speculative(speculative, draft_model)
+        self.draft_model, self.speculative = draft_model, speculative  # speculation's proposer and default
         self.group, self.rank = group, group.rank() if group is not None else 0
         self.channel = distributed.Channel(group) if group is not None else None
         measure = _bytes_of if group is None else self._largest_share
         self.pool = CachePool(model, cache_bytes, measure=measure, **self.engine.cache_args)
+        # admission by memory (`memory`: this machine's bytes, else memory.machine_memory())
+        self.admission = Admission.for_model(model, self.engine.cache_args, memory)
+        if group is not None:  # every rank admits alike: the smallest budget
+            self.admission.budget = min(row[0] for row in distributed.gather([self.admission.budget], group))
         self._numbers = itertools.count()
         self._numbered: dict[int, Job] = {}  # split, other ranks: the live replayed jobs by number
         self._posted: list[tuple[str, Job | None]] = []  # rank 0: what it posted this turn
@@ -111,7 +131,8 @@ class Worker(threading.Thread):
         self.pending = 0
         self._lock = threading.Lock()
         self.counters = dict.fromkeys(("requests", "rejected", "errors", "cancelled", "prompt_tokens",
-                                       "cached_tokens", "generated_tokens"), 0)
+                                       "cached_tokens", "generated_tokens", "draft_tokens", "accepted_tokens",
+                                       "speculative_requests"), 0)
         self.gauges = {"queue_depth": 0, "active_sequences": 0, "kv_bytes": 0, "pool_bytes": 0, "pool_entries": 0}
         self._stopping = False
         self.stopped = threading.Event()  # the loop has ended
@@ -222,6 +243,7 @@ class Worker(threading.Thread):
         return items
 
     def _apply(self, items: list[tuple[str, Job | None]]) -> None:
+        self._start_ready()
         if not items:
             if not self.engine.has_work:
                 self._quiet += 1
@@ -238,24 +260,38 @@ class Worker(threading.Thread):
                 self._start(job)
             elif job.uid is not None and job.uid in self.jobs:
                 self.engine.cancel(job.uid)
+            elif self.admission.drop(job):  # it was waiting for memory
+                self.counters["cancelled"] += 1
+                self._end(job)
+
+    def _start_ready(self) -> None:
+        """Start the requests that waited for memory and fit now."""
+        for job, ready in self.admission.ready(self.pool):
+            self._start(job, ready)
 
     def _largest_share(self, pc) -> int:
         """Split across ranks: the pool counts the largest rank's bytes of a cache (the same number
         everywhere, so every rank keeps and evicts the same conversations)."""
         return max(row[0] for row in distributed.gather([_bytes_of(pc)], self.group))
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job, ready: tuple | None = None) -> None:
+        """`ready`: (ids, blocks, tokens) of a request that waited for memory and is admitted now."""
         try:
-            ids, blocks = self._prompt(job)
+            ids, blocks, tokens = ready or (*self._prompt(job), None)
             if len(ids) >= self.context:
                 raise ValueError(f"the prompt has {len(ids)} tokens: more than the model's context of {self.context}")
-            room = self.context - len(ids)
-            max_tokens = min(job.max_tokens or room, room)
+            if tokens is None:
+                tokens = self.admission.plan(len(ids), job.max_tokens)  # prompt + max_tokens, checked
+                if not self.admission.admit(job, tokens, self.pool, (ids, blocks)):
+                    return  # it waits for memory (admission.waiting)
+            max_tokens = tokens - len(ids)
             sampler = make_sampler(**job.sampling)
             job.cache = self.pool.take(ids, adapter=job.adapter)  # never another adapter's cache
             job.cache.marks = self._branch_points(job, ids)
+            draft = self._proposer(job)
             job.uid = self.engine.submit(ids, max_tokens=max_tokens, sampler=sampler, stop_ids=STOP_IDS,
-                                         images=blocks, cache=job.cache, logprobs=job.logprobs)
+                                         images=blocks, cache=job.cache, logprobs=job.logprobs, draft=draft)
+            self.counters["speculative_requests"] += draft is not None
         except Exception as e:  # ValueError, Gemma3Error: the request's fault (a bad image, a prompt too long)
             if job.cache is not None:
                 self.pool.give(job.cache)
@@ -268,6 +304,16 @@ class Worker(threading.Thread):
         self.jobs[job.uid] = job
         self.counters["requests"] += 1
         job.send(("accepted", len(ids)))
+
+    def _proposer(self, job: Job):
+        """The request's speculative proposer (its own field, else the server's default), or None. Rows
+        asking for logprobs, and a server split across ranks, decode plainly; a row for which speculation
+        does not pay turns itself plain (engine.py)."""
+        how = job.speculative or self.speculative
+        check_speculative(how, self.draft_model)
+        if how == "off" or job.logprobs is not None or self.group is not None:
+            return None
+        return DraftModel(self.draft_model) if how == "draft" else PromptLookup()
 
     def _branch_points(self, job: Job, ids: list[int]) -> frozenset[int]:
         """Where other conversations may branch off this one: the end of its system prompt (the
@@ -300,6 +346,7 @@ class Worker(threading.Thread):
             job = self.jobs.get(ev.uid)
             if job is not None:
                 self._event(job, ev)
+        self._start_ready()
 
     def _event(self, job: Job, ev) -> None:
         if ev.finish_reason == "cancelled" or job.done:
@@ -352,6 +399,8 @@ class Worker(threading.Thread):
         s = ev.stats
         self.counters["prompt_tokens"] += s.prompt_tokens
         self.counters["cached_tokens"] += s.prompt_tokens - s.prefill_tokens
+        self.counters["draft_tokens"] += s.draft_tokens
+        self.counters["accepted_tokens"] += s.accepted_tokens
         self.counters["generated_tokens"] += len(job.tokens)
         if cancelled:
             self.counters["cancelled"] += 1
@@ -364,6 +413,7 @@ class Worker(threading.Thread):
     def _end(self, job: Job) -> None:
         job.done, job.cache = True, None  # the pool owns the cache now: an evicted one is freed at once
         self._numbered.pop(job.number, None)
+        self.admission.release(job, self.pool)
         with self._lock:
             self.pending -= 1
 
@@ -392,12 +442,17 @@ class Worker(threading.Thread):
                 job.send(("error", 500, message))
             self._end(job)
         self.jobs.clear()
+        for job in self.admission.clear():
+            job.send(("error", 500, message))
+            self._end(job)
         self.pool.clear()
 
     def _measure(self) -> None:
         e = self.engine
         active = sum(c.nbytes for c in e.layers) if e.layers else 0
         active += sum(s.cache.nbytes for s in itertools.chain(e.waiting, e.spec))
-        self.gauges = {"queue_depth": len(e.waiting) + self.inbox.qsize(), "active_sequences": len(e.rows) + len(e.spec),
-                       "kv_bytes": active + self.pool.bytes, "pool_bytes": self.pool.bytes,
+        self.gauges = {"queue_depth": len(e.waiting) + self.inbox.qsize() + len(self.admission.waiting),
+                       "active_sequences": len(e.rows) + len(e.spec), "kv_bytes": active + self.pool.bytes,
+                       "kv_reserved_bytes": self.admission.reserved, "kv_budget_bytes": self.admission.budget,
+                       "pool_bytes": self.pool.bytes,
                        "pool_entries": len(self.pool), "time": time.time()}
