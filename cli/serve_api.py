@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+import math
+import re
 import time
 
 from ..prompt import MARKER
@@ -28,6 +31,44 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+MAX_DEPTH = 64  # JSON nesting a request may have (a JSON schema in it included)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_json(data: bytes):
+    """A request body as JSON, or an ApiError saying why not: not UTF-8, not JSON, NaN or Infinity
+    (not JSON either, though Python reads them), nested deeper than MAX_DEPTH, or a string with a
+    lone surrogate (a `\\ud800` escape: valid JSON, not text a tokenizer can take)."""
+    def finite(text: str) -> float:
+        x = float(text)
+        if not math.isfinite(x):
+            raise ValueError(f"the number {text[:20]} is too large")
+        return x
+
+    def constant(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        body = json.loads(data, parse_float=finite, parse_constant=constant)
+    except RecursionError:
+        raise ApiError(400, f"the JSON nests deeper than {MAX_DEPTH} levels", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"malformed JSON: {str(e)[:200]}", code="invalid_json") from None
+    stack = [(body, 0)]  # iterative: nothing in a body can exhaust the interpreter's stack
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii() and _SURROGATE.search(v):
+                raise ApiError(400, f"a string holds a lone surrogate (\\u{ord(_SURROGATE.search(v)[0]):04x}), "
+                                    "which is not text: pair it or drop it", code="invalid_text")
+        elif isinstance(v, (dict, list)):
+            if depth >= MAX_DEPTH:
+                raise ApiError(400, f"the JSON nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+            for item in (v if isinstance(v, list) else (x for kv in v.items() for x in kv)):
+                stack.append((item, depth + 1))
+    return body
 
 
 def _bad(param: str, message: str) -> ApiError:
