@@ -133,7 +133,10 @@ class Constraint:
         can never end: what it forces from the start runs past MAX_FORCED bytes (a `$ref` cycle, a
         rule that only recurses). A grammar whose endlessness is a choice is not caught here; its
         reply still ends at max_tokens."""
-        forced = self.matcher(vocab).compute_ff_bytes()
+        m = self.matcher(vocab)
+        if not m.is_accepting() and np.count_nonzero(vocab.fill([(m, 0)], 1)[0] & ~np.int32(1 << EOS_ID)) == 0:
+            raise ConstraintError(f"the {self.describe()} matches nothing (a $ref cycle, or a rule with no way out)")
+        forced = m.compute_ff_bytes()
         if len(forced) >= MAX_FORCED:
             raise ConstraintError(f"the {self.describe()} can never end: it forces an endless "
                                   f"{forced[:24].decode('utf-8', 'replace')!r}...")

@@ -159,8 +159,8 @@ def run_round(seq, vocab: int, check_drafts=None) -> list[int]:
         out = accept_sampled(p, q, drafts, seq.sampler.next_key())
     kept = len(out) - 1
     seq.cache.trim(n - kept)
-    if allowed is not None and n > kept:
-        seq.matcher.rollback(n - kept)  # the matcher goes back with the cache (its last token out is fed by the engine)
+    if allowed is not None and n:
+        seq.matcher.rollback(n)  # back to the round's start: the engine feeds it every token out, as for plain rows
     t2 = time.perf_counter()
     seq.proposed, seq.accepted, seq.rounds = seq.proposed + n, seq.accepted + kept, seq.rounds + 1
     if probe:
