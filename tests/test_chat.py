@@ -59,7 +59,13 @@ def test_cancel_from_another_thread_keeps_the_session(session_parts):
     assert chat.last.generation_tokens < 200 and len(rest) < 199
     assert chat.messages[-1]["role"] == "assistant"
     chat.sampling["max_tokens"] = 4
-    assert text(chat.send("Thanks.")) is not None and len(chat.messages) == 4
+    reply = text(chat.send("Thanks."))
+    assert len(chat.messages) == 4
+    # The turn after a cancelled reply is what the same conversation gives from scratch (a new session's
+    # empty cache; retry() replies to the conversation as it stands).
+    fresh = ChatSession(model, tok, max_tokens=4)
+    fresh.messages = [dict(m) for m in chat.messages[:3]]
+    assert reply == text(fresh.retry()) and fresh.last.prefill_tokens == fresh.last.prompt_tokens
 
 
 def test_piped_chat_prints_two_replies(gemma3_home, session_parts):
@@ -363,10 +369,10 @@ def test_images_stay_in_their_turn_and_are_reused(seeing_270m_dir):
     assert ids[:len(ids_after_turn_1)] == ids_after_turn_1
     spans = _image_spans(ids, model.config.image_token_index)
     assert len(spans) == 1 and spans[0][1] < n1  # one image, inside the first turn
-    text(chat.send("Compare them.", images=[FIXTURES / "images" / "wide.png"]))
+    replaced = text(chat.send("Compare them.", images=[FIXTURES / "images" / "wide.png"]))
     assert len(_image_spans(list(chat.cache.tokens), model.config.image_token_index)) == 2
     again = text(chat.retry())
-    assert chat.last.prefill_tokens == 0 and again is not None
+    assert chat.last.prefill_tokens == 0 and again == replaced  # greedy: the reply it replaces, from the snapshot
 
 
 def test_piped_chat_image_command(seeing_270m_dir, tmp_path):

@@ -168,10 +168,12 @@ def test_logprobs_are_the_models_log_softmax(models):
     prompt = prompts_for(model, [12], seed=6)[0]
     engine = Engine(model, max_batch=2)
     u = engine.submit(prompt, max_tokens=5, stop_ids=(), logprobs=3)
-    v = engine.submit(prompts_for(model, [4], seed=7)[0], max_tokens=5, stop_ids=())  # a row that did not ask
-    events = []
+    other = prompts_for(model, [4], seed=7)[0]
+    v = engine.submit(other, max_tokens=5, stop_ids=())  # a row that did not ask
+    events, theirs = [], []
     while engine.has_work:
-        events += [e for e in engine.step() if e.uid == u]
+        for e in engine.step():
+            (events if e.uid == u else theirs).append(e)
     ids = list(prompt)
     for e in events:
         logits = np.array(model(mx.array(ids)[None])[0, -1], dtype=np.float64)
@@ -181,7 +183,9 @@ def test_logprobs_are_the_models_log_softmax(models):
         assert [t for t, _ in e.top_logprobs] == top.tolist()
         assert np.allclose([lp for _, lp in e.top_logprobs], logp[top], atol=1e-4)
         ids.append(e.token)
-    assert v is not None
+    # The row that did not ask gets no log-probabilities, and its tokens are its tokens alone.
+    assert {e.uid for e in theirs} == {v} and all(e.logprob is None and e.top_logprobs == () for e in theirs)
+    assert [e.token for e in theirs if e.token is not None] == alone(model, other, 5)
 
 
 def test_decode_step_is_queued_before_its_token_is_read(models, monkeypatch):

@@ -11,6 +11,7 @@ import gemma3_mlx  # noqa: F401
 import mlx.core as mx
 
 from conftest import FIXTURES
+from gemma3_mlx import model as model_module
 from gemma3_mlx.convert import convert
 from gemma3_mlx.loader import load_model
 from gemma3_mlx.prompt_cache import PromptCache
@@ -46,9 +47,32 @@ def test_logits_match_transformers(vlm_dirs, src, name):
     assert np.abs(out - REF[f"{name}.logits"]).max() <= 1e-4
 
 
-def test_image_attention_is_bidirectional_within_an_image(vlm_dirs):
-    # Treating the image causally (as some runtimes do) changes the logits: the fixture can tell.
-    assert np.abs(REF["one_image.logits_causal"] - REF["one_image.logits"]).max() > 0.1
+@pytest.mark.parametrize("name", NAMES)
+def test_image_masks_equal_the_references(name):
+    """The masks our model builds for a whole prompt (each layer kind's cache mask, with its image
+    blocks opened) equal the boolean masks transformers built, and opening the blocks changes them."""
+    model = load_model(VLM, dtype="float32")
+    ids = REF[f"{name}.input_ids"][0].tolist()
+    spans = model_module.image_spans_of(ids, model.config.image_token_index)
+    L = len(ids)
+    for layer, cache in zip(model.model.layers, model.make_cache()):
+        want = REF[f"{name}.mask_{'local' if layer.is_local else 'global'}"]
+        assert (np.array(model_module.with_image_blocks(cache.make_mask(L), spans, L)).reshape(L, L) == want).all()
+        assert (np.array(cache.make_mask(L)).reshape(L, L) != want).sum() > 0  # causal alone is not the reference
+
+
+def test_image_attention_is_bidirectional_within_an_image(vlm_dirs, monkeypatch):
+    """Our model gives transformers' logits with the image blocks bidirectional, and, with the blocks
+    made causal (as some runtimes do), transformers' causal control (recorded without token_type_ids);
+    the two differ, so the comparison can tell them apart."""
+    model = load_model(vlm_dirs["f32"], dtype="float32")
+    ids, pixels = inputs("one_image")
+    ours = np.array(model(ids, pixel_values=pixels))
+    monkeypatch.setattr(model_module, "with_image_blocks", lambda mask, spans, L: mask)
+    causal = np.array(model(ids, pixel_values=pixels))
+    assert np.abs(ours - REF["one_image.logits"]).max() <= 1e-4
+    assert np.abs(causal - REF["one_image.logits_causal"]).max() <= 1e-4
+    assert np.abs(ours - causal).max() > 0.1
 
 
 @pytest.mark.parametrize("chunk", [3, 6, 7, 20, 100])
