@@ -4,8 +4,8 @@ The HTTP side hands it `Job`s (`submit`, `cancel`, thread-safe) and hears back t
 `send`: ("accepted",) once the prompt is in the engine, ("delta", text, logprobs) as text becomes
 final, then ("done", finish_reason, usage) or ("error", status, message). Between engine steps it
 takes new jobs (prompt building, the pool's cache for the conversation) and cancellations, so a
-disconnected client frees its row within one step. Stop strings are matched here, on the text, with
-the last few characters held back until they cannot start one. No HTTP here.
+disconnected client frees its row within one step. Tokens become text, stop strings cut, through
+streaming.TextStream. Chat with a base model is a transcript (prompt.py), ending at "User:". No HTTP here.
 
 Split across ranks (`gemma3 serve --parallel`), every rank runs a Worker and the same steps. Rank 0
 alone takes requests; each turn it posts what it took (requests, cancellations, stop) on a
@@ -29,14 +29,17 @@ import mlx.core as mx
 
 from .. import distributed
 from ..cache_pool import CachePool, common_prefix
+from ..constrain import Constraint
+from ..settings import Sampling
 from ..cache_pool import cache_bytes as _bytes_of
 from ..engine import STOP_IDS, Engine
 from ..errors import Gemma3Error
-from ..prompt import prompt_ids
+from ..prompt import TRANSCRIPT_STOP, prompt_ids, uses_transcript
 from ..sample import make_sampler
 from ..speculate import DraftModel, PromptLookup
-from ..tokenizer import StreamingDetokenizer
-from .serve_admission import Admission
+from ..streaming import TextStream
+from ..memory import machine_memory
+from .serve_admission import Admission, buffer_cache
 
 # Seconds an idle server split across ranks waits for a request before telling the other ranks "nothing".
 # MLX's ring backend spins a core while a collective waits, so after a few idle turns the other ranks
@@ -44,6 +47,7 @@ from .serve_admission import Admission
 # more; requests that follow each other closely wait for nothing.
 IDLE_TICK = 0.25
 PACE_MARGIN = 0.03
+GATHER = 0.005  # seconds an idle server waits after a request for the rest of a burst
 PACE_AFTER = 4  # idle turns in a row before the other ranks start sleeping
 
 
@@ -62,29 +66,29 @@ class Job:
     logprobs: int | None = None
     speculative: str | None = None  # "draft", "prompt-lookup" or "off"; None: the server's default
     adapter: str | None = None  # the LoRA adapter the request's `model` names (None: the base)
+    constraint: Constraint | None = None  # what the reply must match (response_format, tools, Ollama's format)
     # the model thread's bookkeeping
     uid: int | None = None
     cache: object = None
-    detok: StreamingDetokenizer | None = None
+    stream: TextStream | None = None  # tokens -> text, stop strings cut
     tokens: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
-    held: str = ""  # text not yet sent: it may be the start of a stop string
     done: bool = False
-    cut: bool = False  # ended by a stop string: the text sent is not the tokens' whole text
     number: int | None = None  # split across ranks: its place in rank 0's order, the same on every rank
 
     def to_json(self) -> dict:
         """The request, as rank 0 sends it to the other ranks."""
         return {"messages": self.messages, "prompt": self.prompt, "max_tokens": self.max_tokens,
                 "images": [base64.b64encode(b).decode() for b in self.images], "sampling": self.sampling,
-                "stops": self.stops, "logprobs": self.logprobs}
+                "stops": self.stops, "logprobs": self.logprobs,
+                "constraint": None if self.constraint is None else [self.constraint.kind, self.constraint.source]}
 
     @classmethod
     def from_json(cls, d: dict) -> "Job":
         """A request replayed on another rank: it answers nobody (rank 0 answers the client)."""
         return cls(_nobody, messages=d["messages"], prompt=d["prompt"], max_tokens=d["max_tokens"],
                    images=[base64.b64decode(b) for b in d["images"]], sampling=d["sampling"], stops=d["stops"],
-                   logprobs=d["logprobs"])
+                   logprobs=d["logprobs"], constraint=Constraint(*d["constraint"]) if d.get("constraint") else None)
 
 
 def _nobody(item: tuple) -> None:
@@ -109,7 +113,8 @@ class Worker(threading.Thread):
                  memory: int | None = None, draft_model=None, speculative: str = "off"):
         super().__init__(name="gemma3-model", daemon=True)
         self.model, self.tokenizer = model, tokenizer
-        self.engine = Engine(model, max_batch=max_batch, prefill_chunk=prefill_chunk, kv_bits=kv_bits)
+        self.engine = Engine(model, max_batch=max_batch, prefill_chunk=prefill_chunk, kv_bits=kv_bits,
+                             tokenizer=tokenizer)
         check_speculative(speculative, draft_model)
         self.draft_model, self.speculative = draft_model, speculative  # speculation's proposer and default
         self.group, self.rank = group, group.rank() if group is not None else 0
@@ -118,6 +123,7 @@ class Worker(threading.Thread):
         self.pool = CachePool(model, cache_bytes, measure=measure, **self.engine.cache_args)
         # admission by memory (`memory`: this machine's bytes, else memory.machine_memory())
         self.admission = Admission.for_model(model, self.engine.cache_args, memory)
+        mx.set_cache_limit(buffer_cache(machine_memory() if memory is None else memory))
         if group is not None:  # every rank admits alike: the smallest budget
             self.admission.budget = min(row[0] for row in distributed.gather([self.admission.budget], group))
         self._numbers = itertools.count()
@@ -207,6 +213,8 @@ class Worker(threading.Thread):
             items = [self.inbox.get(timeout=timeout) if block else self.inbox.get_nowait()]
         except queue.Empty:
             return []
+        if block and items[0][0] == "submit":  # idle until now: a burst's other requests arrive within
+            time.sleep(GATHER)  # milliseconds; taken together, their prompts share one prefill pass
         while items[-1][0] != "stop":
             try:
                 items.append(self.inbox.get_nowait())
@@ -287,9 +295,10 @@ class Worker(threading.Thread):
             max_tokens = tokens - len(ids)
             sampler = make_sampler(**job.sampling)
             job.cache = self.pool.take(ids, adapter=job.adapter)  # never another adapter's cache
-            job.cache.marks = self._branch_points(job, ids)
+            job.cache.marks |= self._branch_points(job, ids)  # with any the pool found
             draft = self._proposer(job)
-            job.uid = self.engine.submit(ids, max_tokens=max_tokens, sampler=sampler, stop_ids=STOP_IDS,
+            job.uid = self.engine.submit(ids, settings=Sampling(constraint=job.constraint), max_tokens=max_tokens,
+                                         sampler=sampler, stop_ids=STOP_IDS,
                                          images=blocks, cache=job.cache, logprobs=job.logprobs, draft=draft)
             self.counters["speculative_requests"] += draft is not None
         except Exception as e:  # ValueError, Gemma3Error: the request's fault (a bad image, a prompt too long)
@@ -300,7 +309,9 @@ class Worker(threading.Thread):
             ours = isinstance(e, (ValueError, Gemma3Error))
             job.send(("error", 400 if ours else 500, " ".join(str(e).split()) if ours else f"{type(e).__name__}: {e}"))
             return
-        job.detok = StreamingDetokenizer(self.tokenizer)
+        transcript = self._transcript(job)
+        job.stream = TextStream(self.tokenizer, [*job.stops, TRANSCRIPT_STOP] if transcript else job.stops,
+                                strip=transcript)
         self.jobs[job.uid] = job
         self.counters["requests"] += 1
         job.send(("accepted", len(ids)))
@@ -321,9 +332,14 @@ class Worker(threading.Thread):
         msgs = job.messages
         if not msgs or msgs[0].get("role") != "system" or len(msgs) < 2 or job.images:
             return frozenset()
-        head, _ = prompt_ids(self.tokenizer, self.model.config, [msgs[0], {"role": "user", "content": ""}])
+        head, _ = prompt_ids(self.tokenizer, self.model.config, [msgs[0], {"role": "user", "content": ""}],
+                             transcript=self._transcript(job))
         n = common_prefix(head, ids)
         return frozenset([n]) if 0 < n < len(ids) - 1 else frozenset()
+
+    def _transcript(self, job: Job) -> bool:
+        """A chat with a base model: a plain transcript (see prompt.py)."""
+        return job.messages is not None and uses_transcript(self.model.config)
 
     def _prompt(self, job: Job):
         if job.messages is None:
@@ -334,7 +350,8 @@ class Worker(threading.Thread):
             if m["role"] == "assistant" and (ids := self.pool.reply_ids(m["content"])) is not None:
                 m["ids"] = ids  # the reply as generated: what the cache of this conversation holds
             messages.append(m)
-        return prompt_ids(self.tokenizer, self.model.config, messages, job.images or None)
+        return prompt_ids(self.tokenizer, self.model.config, messages, job.images or None,
+                          transcript=self._transcript(job))
 
     def _step(self) -> None:
         try:
@@ -353,19 +370,15 @@ class Worker(threading.Thread):
             if ev.finish_reason:
                 self._release(job, ev, cancelled=not job.done)
             return
-        text, lps = "", None
+        out, lps = "", None
         if ev.token is not None and ev.finish_reason != "stop":
             job.tokens.append(ev.token)
-            text = job.detok.add(ev.token)
+            out = job.stream.add(ev.token)
             if job.logprobs is not None:
                 lps = [(ev.token, ev.logprob, ev.top_logprobs)]
-        if ev.finish_reason:
-            text += job.detok.finalize()
-        out, finish = self._stop_strings(job, text)
-        finish = finish or ev.finish_reason
-        if finish and not job.cut:
-            out += job.held
-            job.held = ""
+        if ev.finish_reason and not job.stream.stopped:
+            out += job.stream.finish()
+        finish = "stop" if job.stream.stopped else ev.finish_reason
         if out or lps:
             job.text.append(out)
             job.send(("delta", out, lps))
@@ -380,21 +393,6 @@ class Worker(threading.Thread):
             else:
                 self.engine.cancel(job.uid)  # a stop string: the engine stops at the next step
 
-    @staticmethod
-    def _stop_strings(job: Job, text: str) -> tuple[str, str | None]:
-        """(text that can be sent, "stop" when a stop string ended the reply)."""
-        if not job.stops:
-            return text, None
-        held = job.held + text
-        hits = [i for i in (held.find(s) for s in job.stops) if i >= 0]
-        if hits:
-            job.held, job.cut = "", True
-            return held[: min(hits)], "stop"
-        keep = max(len(s) for s in job.stops) - 1  # a stop string may start in these characters
-        cut = max(len(held) - keep, 0)
-        job.held = held[cut:]
-        return held[:cut], None
-
     def _release(self, job: Job, ev, cancelled: bool = False) -> None:
         s = ev.stats
         self.counters["prompt_tokens"] += s.prompt_tokens
@@ -404,8 +402,8 @@ class Worker(threading.Thread):
         self.counters["generated_tokens"] += len(job.tokens)
         if cancelled:
             self.counters["cancelled"] += 1
-        elif not job.cut and job.messages is not None:
-            self.pool.remember("".join(job.text), job.tokens)
+        elif job.messages is not None:  # the reply's tokens up to a stop string: what the next turn sends back
+            self.pool.remember("".join(job.text), job.stream.kept)
         self.jobs.pop(job.uid, None)
         self.pool.give(job.cache)
         self._end(job)

@@ -57,11 +57,16 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 def kept_prefix(pc: PromptCache, ids: list[int]) -> int:
     """How many tokens of `ids` a cache can give back exactly: the common prefix when its rings can
     take the rest back, else its nearest snapshot at or before the common prefix (as PromptCache.rewind)."""
+    return _reach(pc, ids)[1]
+
+
+def _reach(pc: PromptCache, ids: list[int]) -> tuple[int, int]:
+    """(common prefix, what of it the cache can give back exactly)."""
     common = common_prefix(pc.tokens, ids)
     drop = len(pc.tokens) - common
     if drop == 0 or all(c.can_trim() >= drop for c in pc.layers if isinstance(c, WindowCache)):
-        return common
-    return max((s for s in pc.snapshots if s <= common), default=0)
+        return common, common
+    return common, max((s for s in pc.snapshots if s <= common), default=0)
 
 
 def fork(pc: PromptCache, n: int) -> PromptCache:
@@ -106,27 +111,34 @@ class CachePool:
 
     def take(self, ids: list[int], adapter: str | None = None) -> PromptCache:
         """A cache for `ids` holding as much of it as any idle cache can give: that cache itself when
-        `ids` extends all of it (removed from the pool), a fork of its prefix otherwise, or a new one."""
-        best, kept = None, 0
+        `ids` extends all of it (removed from the pool), a fork of its prefix otherwise, or a new one.
+
+        Where `ids` leaves a cached conversation with no snapshot there (two raw prompts sharing a
+        long preamble, say), that point becomes a branch point of the cache returned: its prefill
+        snapshots there, and the next prompt sharing the preamble forks from it."""
+        best, kept, shared = None, 0, 0
         adapter = resolve(self.model, adapter)  # a LoRA adapter's caches serve only that adapter
         for key, (pc, _) in self.idle.items():
             if pc.adapter != adapter:
                 continue
-            k = kept_prefix(pc, ids)
+            common, k = _reach(pc, ids)
+            shared = max(shared, common)
             if k > kept or (k == kept and k == len(pc.tokens)):  # ties: the one taken whole, no copy
                 best, kept = key, k
+        marks = frozenset([shared]) if kept < shared and MIN_FORK <= shared < len(ids) - 1 else frozenset()
         if best is not None and kept == len(self.idle[best][0].tokens):
             self.hits += 1
-            pc, size = self.idle.pop(best)
+            out, size = self.idle.pop(best)
             self.bytes -= size
-            return pc
-        if best is not None and kept >= min(MIN_FORK, len(ids) - 1):
+        elif best is not None and kept >= min(MIN_FORK, len(ids) - 1):
             self.forks += 1
-            pc = self.idle[best][0]
             self.idle.move_to_end(best)  # shared: recently used
-            return fork(pc, kept)
-        self.misses += 1
-        return PromptCache(self.model, **self.cache_args, adapter=adapter)
+            out = fork(self.idle[best][0], kept)
+        else:
+            self.misses += 1
+            out = PromptCache(self.model, **self.cache_args, adapter=adapter)
+        out.marks = marks
+        return out
 
     def give(self, pc: PromptCache) -> None:
         """Put a cache back (most recently used); drop the least recently used beyond `max_bytes`."""

@@ -36,8 +36,9 @@ class Served:
 
     def ask(self, conversations: list[list[dict]], max_tokens: int = 6) -> list[tuple[str, dict]]:
         boxes = [queue.SimpleQueue() for _ in conversations]
-        for msgs, box in zip(conversations, boxes):
-            assert self.worker.submit(Job(box.put, messages=msgs, max_tokens=max_tokens))
+        for msgs, box in zip(conversations, boxes):  # chat messages, or a raw prompt (str)
+            kind = "prompt" if isinstance(msgs, str) else "messages"
+            assert self.worker.submit(Job(box.put, max_tokens=max_tokens, **{kind: msgs}))
         out = []
         for box in boxes:
             text = []
@@ -211,3 +212,20 @@ def test_real_270m_six_conversations_with_a_700_token_system_prompt(default_mode
     for _, usage in warm[1:]:
         assert usage["cached_tokens"] >= 0.9 * usage["prompt_tokens"], usage
     assert [t for t, _ in warm] == cold(model, tok, convs, 8)
+
+
+def test_raw_prompts_sharing_a_preamble_find_their_branch_point(tiny):
+    """No chat roles to mark: the second prompt that leaves the first at the same place makes that
+    place a branch point (a snapshot in its own cache), and from the third on the preamble is shared."""
+    model, tok = tiny
+    preamble = "Notes from the reading room. " + SYSTEM * 6
+    prompts = [preamble + f"Entry {i}: " + "a visitor asked about " * (i + 1) for i in range(4)]
+    s = Served(model, tok, cache_bytes=1 << 30)
+    try:
+        warm = [s.ask([p])[0] for p in prompts]
+    finally:
+        s.close()
+    assert warm[1][1]["cached_tokens"] < 0.5 * warm[1][1]["prompt_tokens"]  # no snapshot there yet
+    for _, usage in warm[2:]:
+        assert usage["cached_tokens"] >= 0.8 * usage["prompt_tokens"], usage
+    assert [t for t, _ in warm] == cold(model, tok, prompts)
