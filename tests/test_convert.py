@@ -25,7 +25,7 @@ META = json.loads((FIXTURES / "ref_270m.json").read_text())
 # Measured (tests/benchmarks/quantization.py, one run): ours 8-bit g64 KL 0.0010 / top-1 97.8%;
 # ours 4-bit g64 KL 0.277 / 69.7%; mlx-lm 0.32.2 4-bit g64 on the same source KL 0.459 / 61.3%.
 INT8_MAX_KL, INT8_MIN_TOP1 = 0.005, 0.97
-INT4_MAX_KL = 0.35  # below mlx-lm's 0.459
+INT4_MAX_KL = 0.35  # below mlx-lm's 0.459 as measured by the benchmark (the tests do not run mlx-lm)
 
 
 def kl_vs_reference(logits: np.ndarray, i: int) -> np.ndarray:
@@ -101,7 +101,9 @@ def test_int8_quality(int8_270m):
     assert 8.4 < int8_270m.bits_per_weight < 8.6  # 8 bits + fp16 scale and bias per 64
 
 
-def test_int4_quality_beats_mlx_lm_bound(int4_270m):
+def test_int4_quality_within_its_bound(int4_270m):
+    """KL under INT4_MAX_KL, a constant: mlx-lm is not run here (tests/benchmarks/quantization.py runs
+    both in one process; its 0.459 is why the bound sits where it does)."""
     assert int4_270m.quality["kl"] <= INT4_MAX_KL
     assert 4.4 < int4_270m.bits_per_weight < 4.6
     q = json.loads((int4_270m.out / "config.json").read_text())["quantization"]

@@ -178,7 +178,12 @@ def test_preprocess_image_feeds_the_model_as_documented():
     assert n == 0 and pixels.shape == (1, 56, 56, 3)
     logits = model(input_ids, pixel_values=pixels)
     assert logits.shape == (1, input_ids.shape[1], 320)
-    features = model.encode_images(mx.array(np.array(pixels)))
-    assert np.abs(np.array(logits) - np.array(model(input_ids, image_features=features))).max() < 1e-5
+    # The picture preprocessed independently, here: Pillow's bilinear resize to 56x56, scaled to [-1, 1], the
+    # recipe of transformers' Gemma3ImageProcessor (which gives test_image.py's recorded pixels exactly).
+    from PIL import Image
+
+    mine = Image.open(FIXTURES / "images" / "rgb.png").convert("RGB").resize((56, 56), Image.BILINEAR)
+    mine = mx.array((np.asarray(mine, np.float32) / 127.5 - 1)[None])
+    assert np.abs(np.array(logits) - np.array(model(input_ids, pixel_values=mine))).max() < 1e-5
     other, _ = preprocess_image(FIXTURES / "images" / "wide.png", model.config)
     assert np.abs(np.array(logits) - np.array(model(input_ids, pixel_values=other))).max() > 1e-3  # the image counts

@@ -361,7 +361,9 @@ def part_metal(measured: dict, context: int = 4096):
             line += f" ~{tps:.2f}x on any bandwidth-bound target (no draft pass to pay)"
         else:
             line += " " + ", ".join(f"{t}: ~{tps / (1 + kps * tot['270M'] / tot[t]):.2f}x" for t in ("12B", "27B"))
-            line += " (if a 270M drafted as well for them)"
+            line += (" -- arithmetic, not a measurement: only if a 270M's guesses were kept as often by that target"
+                     " as here (by the model the draft was made from); a smaller, different model agrees less often:"
+                     " see the a/k table above")
         print(line)
 
 
