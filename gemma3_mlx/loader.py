@@ -61,12 +61,6 @@ def _settings(settings: dict, module: str) -> tuple[int, int, str]:
     return int(s["group_size"]), int(s["bits"]), s.get("mode", "affine")
 
 
-def dequantize_weights(settings: dict, weights: dict, dtype: mx.Dtype) -> dict:
-    """Expand every quantized matrix (`<module>.weight/.scales/.biases`) to a float `<module>.weight`.
-    Consumes `weights` (see materialise)."""
-    return materialise(weights, settings, dtype, expand=True)
-
-
 def materialise(weights: dict, settings: dict | None, dtype: mx.Dtype, expand: bool) -> dict:
     """Evaluate lazily read weights one tensor at a time, in place of the lazy ones: floats cast
     to `dtype` (the vision tower to float32), quantized matrices expanded to `dtype` if `expand`.

@@ -117,13 +117,6 @@ class Sampler:
         self.key, sub = mx.random.split(self.key)
         return sub
 
-    def fork(self) -> "Sampler":
-        """The same settings with a random stream of its own (a draft model's sampler)."""
-        other = Sampler.__new__(Sampler)
-        other.__dict__.update(self.__dict__)
-        other.key = self.next_key()
-        return other
-
     def __call__(self, logits: mx.array, history=()) -> mx.array:
         logits = self.process(logits, history)
         if self.temp == 0:
