@@ -27,11 +27,11 @@ import numpy as np
 from . import constrain
 from .adapters import select
 from .cache import ROLLBACK
-from .prefill import Fill, plan, run_rows
+from .prefill import Fill, feed_rows, plan, run_rows
 from .prompt_cache import PromptCache, check_ids
 from .sample import Sampler
 from .settings import DEFAULT, Sampling
-from .speculate import paying, run_round
+from .speculate import paying, run_round, run_rounds
 
 STOP_IDS = (1, 106)  # <eos>, <end_of_turn>: the one list of default stop tokens
 
@@ -223,8 +223,10 @@ class Engine:
         speculating = list(self.spec)  # a row joining now gets its first token out before its first round
         if self.waiting:
             events += self._prefill()
-        for seq in speculating:
-            events += self._round(seq)
+        if len(speculating) > 1:  # every row's guesses checked in one target pass
+            events += self._rounds(speculating)
+        elif speculating:
+            events += self._round(speculating[0])
         if not self.rows:
             return events
         asked = any(s.logprobs is not None for s in self.rows)
@@ -385,6 +387,18 @@ class Engine:
         events = self._emit_spec(seq, out)
         if seq in self.spec and seq.rounds >= 8 and not paying(seq):
             self._to_plain(seq)
+        return events
+
+    def _rounds(self, seqs: list[_Sequence]) -> list[Event]:
+        """One speculative round for each row, every row's guesses checked in one target pass
+        (speculate.run_rounds over prefill.feed_rows), then each row's tokens out."""
+        feed = lambda caches, chunks: feed_rows(self.model, caches, chunks)  # noqa: E731
+        outs = run_rounds(seqs, self.model.config.text.vocab_size, self._check_drafts, feed)
+        events = []
+        for seq, out in zip(seqs, outs):
+            events += self._emit_spec(seq, out)
+            if seq in self.spec and seq.rounds >= 8 and not paying(seq):
+                self._to_plain(seq)
         return events
 
     def _emit_spec(self, seq: _Sequence, out: list[int]) -> list[Event]:

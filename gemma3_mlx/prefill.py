@@ -118,3 +118,21 @@ def _empty_like(a, cache):
     if isinstance(a, tuple):
         return tuple(_empty_like(x, cache) for x in a)
     return mx.zeros_like(a) if isinstance(cache, WindowCache) else a[..., :0, :]
+
+
+def feed_rows(model, caches: list[PromptCache], chunks: list[list[int]]) -> list[mx.array]:
+    """Each row's tokens run on its own cache, all rows in one pass (speculative rounds checking
+    several rows' guesses at once): per row the logits of every position, (len(chunk), V). Shorter
+    rows are padded at the end (by at most the caches' rollback, taken back at once)."""
+    B, L = len(caches), max(len(c) for c in chunks)
+    pads = [L - len(c) for c in chunks]
+    layers = _merged([pc.layers for pc in caches])
+    select(model, [pc.adapter for pc in caches])
+    logits = model(mx.array([c + [PAD] * p for c, p in zip(chunks, pads)]), layers, logits="all")  # (B, L, V)
+    if any(pads):
+        for c in layers:
+            c.trim(pads)
+    for i, (pc, chunk) in enumerate(zip(caches, chunks)):
+        pc.layers = [c.select([i]) for c in layers]
+        pc.tokens.extend(chunk)
+    return [logits[i, : len(c)] for i, c in enumerate(chunks)]

@@ -131,45 +131,73 @@ def run_round(seq, vocab: int, check_drafts=None) -> list[int]:
     counters): propose k tokens, check them all in one target pass, keep those the target agrees
     with plus its own next token, take the rest back from the cache; returns the tokens out.
     Before and after a round the cache holds prompt + tokens[:-1] (the last token out is not run)."""
-    ctx = seq.prompt + seq.tokens
-    probe = seq.rounds % PROBE_EVERY == 0  # a plain one-token step: the cost a round must beat
-    t0 = time.perf_counter()
-    try:
-        drafts, q = ([], None) if probe else seq.draft.propose(ctx, seq.k, seq.sampler)
-    except ValueError:  # e.g. past the draft model's context: go on without drafting
-        drafts, q, seq.rounds = [], None, max(seq.rounds, 8)
-    # A guess the target has no row for (a larger draft table) ends the guesses.
-    n = next((i for i, t in enumerate(drafts[: seq.k]) if t >= vocab), min(len(drafts), seq.k))
-    drafts, q = drafts[:n], (q[:n, :vocab] if q is not None else None)
-    allowed = None
-    if check_drafts is not None:  # a constrained row: guesses end at the first its constraint refuses
-        drafts, allowed = check_drafts(seq, drafts)
-        n, q = len(drafts), (q[: len(drafts)] if q is not None else None)
+    r = _Round(seq, vocab, check_drafts)
+    logits = seq.cache.feed(r.fed, logits="all")  # (k+1, V)
+    mx.eval(logits)
+    return r.settle(logits, time.perf_counter() - r.t1)
+
+
+def run_rounds(seqs: list, vocab: int, check_drafts=None, feed_rows=None) -> list[list[int]]:
+    """One round for each of several sequences, their guesses all checked in one target pass:
+    `feed_rows(caches, chunks) -> [(len(chunk), V) logits]` (prefill.feed_rows). `check_drafts` is
+    used for the rows with a constraint (a matcher). Each row's tokens equal its own run_round's."""
+    rounds = [_Round(s, vocab, check_drafts if s.matcher is not None else None) for s in seqs]
     t1 = time.perf_counter()
-    logits = seq.cache.feed([ctx[-1]] + drafts, logits="all")  # (k+1, V)
-    if allowed is not None:
-        logits = mx.where(allowed, logits, mx.array(float("-inf"), logits.dtype))
-    if seq.sampler.greedy:
-        out = accept_greedy(logits, drafts)
-    else:
-        if seq.sampler.uses_history:  # each position is penalized by what precedes it
-            p = mx.concatenate([seq.sampler.probs(logits[i : i + 1], ctx + drafts[:i]) for i in range(n + 1)])
+    logits = feed_rows([s.cache for s in seqs], [r.fed for r in rounds])
+    mx.eval(logits)
+    shared = (time.perf_counter() - t1) / len(seqs)  # the check's cost, shared by its rows
+    return [r.settle(lg, shared) for r, lg in zip(rounds, logits)]
+
+
+class _Round:
+    """One row's round: its guesses (made at construction) and, once the target has checked them,
+    what is kept (`settle`)."""
+
+    def __init__(self, seq, vocab: int, check_drafts=None):
+        self.seq, self.ctx = seq, seq.prompt + seq.tokens
+        self.probe = seq.rounds % PROBE_EVERY == 0  # a plain one-token step: the cost a round must beat
+        self.t0 = time.perf_counter()
+        try:
+            drafts, q = ([], None) if self.probe else seq.draft.propose(self.ctx, seq.k, seq.sampler)
+        except ValueError:  # e.g. past the draft model's context: go on without drafting
+            drafts, q, seq.rounds = [], None, max(seq.rounds, 8)
+        # A guess the target has no row for (a larger draft table) ends the guesses.
+        n = next((i for i, t in enumerate(drafts[: seq.k]) if t >= vocab), min(len(drafts), seq.k))
+        drafts, q = drafts[:n], (q[:n, :vocab] if q is not None else None)
+        self.allowed = None
+        if check_drafts is not None:  # a constrained row: guesses end at the first its constraint refuses
+            drafts, self.allowed = check_drafts(seq, drafts)
+            q = q[: len(drafts)] if q is not None else None
+        self.drafts, self.q = drafts, q
+        self.fed = [self.ctx[-1]] + drafts  # what the target runs: the last token out, then the guesses
+        self.t1 = time.perf_counter()
+
+    def settle(self, logits: mx.array, check_time: float) -> list[int]:
+        """`logits` (n+1, V): the target's after `fed`. Keeps the agreed guesses plus one token of the
+        target's, takes the rest back from the cache, updates the row's counters; returns the tokens out."""
+        seq, drafts, n = self.seq, self.drafts, len(self.drafts)
+        if self.allowed is not None:
+            logits = mx.where(self.allowed, logits, mx.array(float("-inf"), logits.dtype))
+        if seq.sampler.greedy:
+            out = accept_greedy(logits, drafts)
         else:
-            p = seq.sampler.probs(logits)
-        out = accept_sampled(p, q, drafts, seq.sampler.next_key())
-    kept = len(out) - 1
-    seq.cache.trim(n - kept)
-    if allowed is not None and n:
-        seq.matcher.rollback(n)  # back to the round's start: the engine feeds it every token out, as for plain rows
-    t2 = time.perf_counter()
-    seq.proposed, seq.accepted, seq.rounds = seq.proposed + n, seq.accepted + kept, seq.rounds + 1
-    if probe:
-        seq.plain_time = t2 - t1 if not seq.plain_time else 0.5 * seq.plain_time + 0.5 * (t2 - t1)
-    else:  # recent cost of proposing and of checking, and tokens gained per round (decaying averages)
-        seq.spent = [0.7 * a + 0.3 * b for a, b in zip(seq.spent, (t1 - t0, t2 - t1, kept + 1))]
-    if n:  # grow k while everything is kept; otherwise just past what was kept
-        seq.k = min(seq.k + 1, seq.k_max) if kept == n else max(1, kept + 1)
-    return out
+            if seq.sampler.uses_history:  # each position is penalized by what precedes it
+                p = mx.concatenate([seq.sampler.probs(logits[i : i + 1], self.ctx + drafts[:i]) for i in range(n + 1)])
+            else:
+                p = seq.sampler.probs(logits)
+            out = accept_sampled(p, self.q, drafts, seq.sampler.next_key())
+        kept = len(out) - 1
+        seq.cache.trim(n - kept)
+        if self.allowed is not None and n:
+            seq.matcher.rollback(n)  # back to the round's start: the engine feeds it every token out, as for plain rows
+        seq.proposed, seq.accepted, seq.rounds = seq.proposed + n, seq.accepted + kept, seq.rounds + 1
+        if self.probe:
+            seq.plain_time = check_time if not seq.plain_time else 0.5 * seq.plain_time + 0.5 * check_time
+        else:  # recent cost of proposing and of checking, and tokens gained per round (decaying averages)
+            seq.spent = [0.7 * a + 0.3 * b for a, b in zip(seq.spent, (self.t1 - self.t0, check_time, kept + 1))]
+        if n:  # grow k while everything is kept; otherwise just past what was kept
+            seq.k = min(seq.k + 1, seq.k_max) if kept == n else max(1, kept + 1)
+        return out
 
 
 def paying(seq) -> bool:

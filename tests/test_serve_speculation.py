@@ -104,3 +104,30 @@ def test_serve_speculative_flags_are_checked_before_loading():
     assert r.exit_code != 0 and "--speculative draft needs --draft-model" in r.output
     r = runner.invoke(app, ["serve", "--speculative", "often", "--port", "0"])
     assert r.exit_code != 0 and "--speculative must be draft, prompt-lookup or off" in r.output
+
+
+def test_speculating_rows_are_checked_in_one_target_pass_and_equal_plain(monkeypatch):
+    """The engine's rounds for several speculating rows: one target pass checks all their guesses
+    (prefill.feed_rows), rows of different lengths and k, past many windows; greedy equals plain."""
+    import gemma3_mlx.engine as engine_mod
+    from gemma3_mlx.engine import Engine
+    from gemma3_mlx.speculate import DraftModel, PromptLookup
+    from test_engine import alone, prompts_for, tiny_model
+
+    target, other = tiny_model(8, seed=9), tiny_model(8, seed=10)
+    prompts = prompts_for(target, [19, 40, 7, 33], seed=5)
+    monkeypatch.setattr(engine_mod, "paying", lambda seq: True)  # keep every row speculating
+    passes = []
+    real = engine_mod.feed_rows
+    monkeypatch.setattr(engine_mod, "feed_rows", lambda *a: passes.append(len(a[1])) or real(*a))
+    engine = Engine(target, max_batch=4)
+    drafts = [DraftModel(target), DraftModel(other), PromptLookup(), DraftModel(other)]
+    uids = {engine.submit(p, max_tokens=120, stop_ids=(), draft=d, draft_tokens=k): i
+            for i, (p, d, k) in enumerate(zip(prompts, drafts, [4, 2, 3, 8]))}
+    got = {i: [] for i in uids.values()}
+    while engine.has_work:
+        for e in engine.step():
+            got[uids[e.uid]].append(e.token)
+    assert max(passes) == 4 and len(passes) > 20
+    for i, p in enumerate(prompts):
+        assert got[i] == alone(target, p, 120), i
