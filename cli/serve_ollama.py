@@ -332,6 +332,8 @@ def routes(worker, model_names: tuple[str, ...], *, read_json, authorize, open_r
     vision = worker.model.config.vision is not None
     served = model_names[0] if ":" in model_names[0] else f"{model_names[0]}:latest"
     digest = hashlib.sha256(f"{served}:{about['size']}".encode()).hexdigest()
+    bank = getattr(worker.model, "adapters", None)  # LoRA adapters on the same base, each a model of its own name
+    adapters = tuple(bank.names) if bank is not None else ()
     started = _now()
 
     def check_model(body: dict) -> str:
@@ -340,9 +342,14 @@ def routes(worker, model_names: tuple[str, ...], *, read_json, authorize, open_r
             raise _bad("model is required")
         if not isinstance(name, str):
             raise _bad("model: expected a string")
+        if name.removesuffix(":latest") in adapters:
+            return name
         if name not in model_names and name.removesuffix(":latest") not in model_names and name != served:
             raise ApiError(404, f"model '{name}' not found")
         return name
+
+    def adapter_of(name: str) -> str | None:
+        return name.removesuffix(":latest") if name.removesuffix(":latest") in adapters else None
 
     async def answer(request, chat: bool):
         authorize(request)
@@ -352,6 +359,7 @@ def routes(worker, model_names: tuple[str, ...], *, read_json, authorize, open_r
         job, streamed = (chat_job if chat else generate_job)(body, req.send, vision)
         if job is None:
             return JSONResponse(shape.loaded(body.get("keep_alive") in (0, "0", "0s", "0m")))
+        job.adapter = adapter_of(shape.model)
         req.start(job)  # a full queue: a 503
         try:
             first = await req.next()  # "accepted", or an error found while building the prompt
@@ -379,7 +387,8 @@ def routes(worker, model_names: tuple[str, ...], *, read_json, authorize, open_r
 
     async def tags(request):
         authorize(request)
-        return JSONResponse({"models": [{**card(), "modified_at": started}]})
+        named = [{**card(), "name": f"{a}:latest", "model": f"{a}:latest"} for a in adapters]
+        return JSONResponse({"models": [{**c, "modified_at": started} for c in [card(), *named]]})
 
     async def show(request):
         authorize(request)

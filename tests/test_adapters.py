@@ -318,6 +318,7 @@ def tiny_with_tokenizer(tokenizer_model: Path, out: Path) -> Path:
 
 
 def test_server_serves_adapters_by_name_in_one_batch(model_270m_dir, tmp_path):
+    import http.client
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -362,6 +363,21 @@ def test_server_serves_adapters_by_name_in_one_batch(model_270m_dir, tmp_path):
         with ThreadPoolExecutor(3) as pool:
             got = list(pool.map(ask, ["alpha", "tiny-chat", "beta"] * 2))
         assert got == [(n, refs[n]) for n in ["alpha", "tiny-chat", "beta"] * 2]
+
+        # Ollama's API: the adapters are models of their own names too
+        def ollama(method, path, body=None):
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            c.request(method, path, body=json.dumps(body) if body else None)
+            r = c.getresponse()
+            return r.status, json.loads(r.read())
+
+        assert [m["name"] for m in ollama("GET", "/api/tags")[1]["models"]] == ["tiny-chat:latest", "alpha:latest",
+                                                                               "beta:latest"]
+        for name in ("beta", "alpha:latest", "tiny-chat"):
+            status, r = ollama("POST", "/api/generate", {"model": name, "prompt": prompt, "raw": True, "stream": False,
+                                                         "options": {"temperature": 0, "num_predict": 16}})
+            assert status == 200 and r["response"] == refs[name.removesuffix(":latest")], (name, r)
+        assert ollama("POST", "/api/generate", {"model": "gamma", "prompt": "x"})[0] == 404
 
         # the conversation cache: the same conversation under another adapter reuses nothing
         messages = [{"role": "user", "content": "Tell me about the tides and the lighthouse."}]
