@@ -32,6 +32,7 @@ from ..adapters import AdapterError, check_name
 from ..errors import Gemma3Error
 from ..models import DEFAULT_MODEL, damaged, list_models, looks_like_hub_id, models_dir, remove, resolve
 from ..prompt_cache import PromptCache
+from ..settings import Sampling
 from ..shard import OnPaper, Plan
 from . import chat as chat_loop
 from .parallel import open_parallel, quiet_other_ranks, read_on_rank0, report_ranks, shared_stdin
@@ -104,6 +105,8 @@ def generate(
     min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=1.0, help="Drop tokens below min-p x the top probability."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.0, help="Penalize recent tokens (1: off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible sampling."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="End the output before this text; it is not printed "
+                                             "(repeatable)."),
     raw: bool = typer.Option(False, "--raw", help="No chat template (for base models such as the default one)."),
     image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="An image to show the model (repeatable)."),
     pan_and_scan: bool = typer.Option(False, "--pan-and-scan", help="Also show crops of large or non-square images."),
@@ -127,6 +130,7 @@ def generate(
     with user_errors():
         if image:
             image = [load_image(p) for p in image]  # fail fast, before loading the model
+        stop = Sampling(stop=tuple(stop or ())).stop  # checked before loading: an empty --stop is one line
         no_parallel_adapter(parallel, adapter)
         group = None
         if parallel:
@@ -146,7 +150,7 @@ def generate(
         for r in stream_generate(
             model_obj, tokenizer, text, max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p,
             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, images=image or None,
-            pan_and_scan=pan_and_scan, draft_model=draft, prompt_lookup=prompt_lookup,
+            pan_and_scan=pan_and_scan, draft_model=draft, prompt_lookup=prompt_lookup, stop=stop,
         ):
             sys.stdout.write(r.text)
             sys.stdout.flush()
@@ -445,7 +449,7 @@ def chat(
             fail("the model has no tokenizer.model")
         if pending and model_obj.config.vision is None:
             fail(f"{path.name} is a text-only model: it cannot see images")
-        warn_if_base(path, model_obj.config, "it chats through a plain transcript; for better answers use {it}")
+        warn_if_base(path, model_obj.config, "it answers through a transcript; use {it} for real chat")
         draft = open_model(resolve_model(draft_model))[0] if draft_model else None
         session = ChatSession(model_obj, tokenizer, system=system, pan_and_scan=pan_and_scan, draft_model=draft,
                               prompt_lookup=prompt_lookup,
@@ -476,9 +480,11 @@ def serve(
     speculative: Optional[str] = typer.Option(None, "--speculative", help="The default for requests: draft, "
                                               "prompt-lookup or off (default: draft with --draft-model, else off); "
                                               "a request's \"speculative\" field overrides it."),
+    open_page: bool = typer.Option(False, "--open", help="Open the chat page in the web browser once serving."),
     quiet: bool = QuietOpt,
 ):
-    """Serve a model over the OpenAI API (chat and text completions, streaming, images) on localhost.
+    """Serve a model over the OpenAI API (chat and text completions, streaming, images) on localhost,
+    with a chat page at / (in the browser: conversations, images, Markdown).
 
     Example: gemma3 serve -m gemma-3-1b-it-q5 --port 8080
     """
@@ -521,7 +527,15 @@ def serve(
         if set(names) & set(adapters):
             fail(f"--adapter {next(iter(set(names) & set(adapters)))}=...: that name is the base model's")
         split = f" on {group.size()} ranks ({parallel} parallel)" if group is not None else ""
-        ready = lambda: note(f"serving {path.name}{split} at http://{host}:{port}/v1 (Ctrl-C stops)")  # noqa: E731
+        page = server.page_url(host, sock)
+
+        def ready():
+            note(f"serving {path.name}{split} at http://{host}:{port}/v1 (Ctrl-C stops); chat page: {page}")
+            if open_page:
+                import webbrowser  # lazy: only with --open
+
+                if not webbrowser.open(page):
+                    _warn(f"no web browser to open here: visit {page}")
         server.serve(model_obj, tokenizer, names, host=host, port=port, api_key=api_key, cors=cors, sock=sock,
                      on_ready=ready, group=group, **settings)
 

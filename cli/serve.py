@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from . import serve_api as api
 from . import serve_ollama
+from . import serve_page
 from .serve_worker import SPECULATIVE, Worker
 
 MAX_BODY = 25 << 20  # bytes: a few images as base64
@@ -233,6 +234,7 @@ def make_app(worker: Worker, model_names: tuple[str, ...], *, api_key: str | Non
               Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/models", list_models), Route("/v1/models/{name:path}", get_model),
               Route("/health", health), Route("/metrics", metrics)]
+    routes += serve_page.routes(worker, model_names, api_key)  # the chat page at /
     routes += serve_ollama.routes(worker, model_names, read_json=read_json, authorize=authorize,
                                   open_request=lambda request: _Request(worker, request), stream=_EventStream)
     middleware = [Middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST"],
@@ -311,6 +313,13 @@ def prometheus(worker: Worker) -> str:
     for name, kind, help_, value in rows:
         out += [f"# HELP gemma3_{name} {help_}", f"# TYPE gemma3_{name} {kind}", f"gemma3_{name} {value}"]
     return "\n".join(out) + "\n"
+
+
+def page_url(host: str, sock: socket.socket) -> str:
+    """The chat page's address for a browser on this machine (a wildcard host is reached by loopback)."""
+    port = sock.getsockname()[1]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
 def bind(host: str, port: int) -> socket.socket:

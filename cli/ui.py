@@ -45,6 +45,8 @@ class App(typer.Typer):
 
 def _plain_metavar(p) -> None:
     tag = p.display_type(None).strip("<>")  # "int range"
+    if tag.lower().startswith("list[") and tag.endswith("]"):  # a repeatable option: one value's type
+        tag = tag[5:-1].lower()
     label = METAVARS.get(tag, tag.upper())
     if p.param_type_name == "argument":
         p.metavar = p.name.upper()

@@ -27,7 +27,7 @@ from typing import Iterator
 
 from ._atomic import replace_file
 from .generate import GenerationResponse, stream_generate
-from .prompt import MARKER, prompt_ids
+from .prompt import MARKER, TRANSCRIPT_STOP, prompt_ids, uses_transcript
 from .prompt_cache import PromptCache
 from .speculate import DraftModel, PromptLookup
 from .sample import make_sampler, validate
@@ -41,8 +41,11 @@ MAX_SAVED_BYTES = 32 << 20  # a saved conversation: a 128K-token context is abou
 
 class ChatSession:
     def __init__(self, model, tokenizer, system: str | None = None, pan_and_scan: bool = False, *,
-                 draft_model=None, prompt_lookup: bool = False, control_tokens: bool = False, **sampling):
+                 draft_model=None, prompt_lookup: bool = False, control_tokens: bool = False,
+                 transcript: bool | None = None, **sampling):
         self.model, self.tokenizer = model, tokenizer
+        # A base model chats through a transcript ("User: ... Assistant: ..."; see prompt.py); None: by the model.
+        self.transcript = uses_transcript(model.config) if transcript is None else transcript
         self.control_tokens = control_tokens  # read "<start_of_turn>" etc. typed in messages as tokens
         # Speculative decoding: a draft model keeps its own prompt cache through the conversation.
         self.draft = DraftModel(draft_model) if draft_model is not None else PromptLookup() if prompt_lookup else None
@@ -112,7 +115,7 @@ class ChatSession:
             return 0
         msgs, images = self._render()
         return len(prompt_ids(self.tokenizer, self.model.config, msgs, images or None, self.pan_and_scan,
-                              self.control_tokens)[0])
+                              self.control_tokens, self.transcript)[0])
 
     def send(self, text: str, images=()) -> Iterator[GenerationResponse]:
         """Add a user message (and images) and stream the reply; the message joins the conversation
@@ -190,10 +193,14 @@ class ChatSession:
                 msgs, images = self._render()
                 for r in stream_generate(self.model, self.tokenizer, msgs, cache=self.cache, images=images or None,
                                          pan_and_scan=self.pan_and_scan, max_tokens=self.settings["max_tokens"],
-                                         sampler=self.sampler, draft=self.draft, control_tokens=self.control_tokens):
+                                         sampler=self.sampler, draft=self.draft, control_tokens=self.control_tokens,
+                                         transcript=self.transcript,
+                                         stop=(TRANSCRIPT_STOP,) if self.transcript else ()):
                     pieces.append(r.text)
                     if r.token is not None:
                         ids.append(r.token)
+                    if r.kept_tokens is not None:  # a stop string: the reply is the tokens before it
+                        del ids[r.kept_tokens:]
                     self.last = r
                     yield r
                     if self._cancel.is_set():

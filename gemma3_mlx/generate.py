@@ -19,7 +19,7 @@ from .prompt import prompt_ids
 from .prompt_cache import PromptCache
 from .sample import Sampler, make_sampler
 from .speculate import DraftModel, PromptLookup
-from .tokenizer import StreamingDetokenizer
+from .streaming import TextStream
 
 
 @dataclass
@@ -39,6 +39,7 @@ class GenerationResponse:
     logprob: float | None = None  # with logprobs=: the token's log-probability
     top_logprobs: tuple = ()  # with logprobs=k: (token, log-probability) of the k most likely
     stats: Stats | None = None  # the same figures as data (times in seconds)
+    kept_tokens: int | None = None  # closing piece after a stop string: the generated tokens before it
 
 
 @dataclass
@@ -90,26 +91,51 @@ def _sampler(sampler, temp, top_k, top_p, min_p, repetition_penalty, seed) -> Sa
 
 
 class _Pieces:
-    """Events of one sequence -> GenerationResponses (text pieces, then the closing one)."""
+    """Events of one sequence -> GenerationResponses (text pieces, then the closing one). A stop
+    string closes the stream ("stop"); the caller then stops the sequence (`stopped`)."""
 
-    def __init__(self, tokenizer, cache: PromptCache):
-        self.detok = StreamingDetokenizer(tokenizer) if tokenizer is not None else None  # None: ids only
+    def __init__(self, tokenizer, cache: PromptCache, stop: Sequence[str] = (), strip: bool = False):
+        self.text = TextStream(tokenizer, stop, strip)
         self.cache = cache
 
-    def response(self, text, token, stats: Stats, finish=None, logprob=None, top=()) -> GenerationResponse:
+    @property
+    def stopped(self) -> bool:
+        return self.text.stopped
+
+    def response(self, text, token, stats: Stats, finish=None, logprob=None, top=(), kept=None) -> GenerationResponse:
         return GenerationResponse(text, token, stats.prompt_tokens, stats.prefill_tokens, stats.prompt_tps,
                                   stats.generation_tokens, stats.generation_tps, mx.get_peak_memory() / 1e9,
-                                  self.cache.nbytes, finish, logprob, top, stats)
+                                  self.cache.nbytes, finish, logprob, top, stats, kept)
 
     def __call__(self, event: Event) -> list[GenerationResponse]:
         out = []
+        if self.text.stopped:
+            return out
         if event.token is not None and event.finish_reason != "stop":
-            text = self.detok.add(event.token) if self.detok else ""
+            text = self.text.add(event.token)
             out.append(self.response(text, event.token, event.stats, None, event.logprob, event.top_logprobs))
-        if event.finish_reason:
-            text = self.detok.finalize() if self.detok else ""
-            out.append(self.response(text, None, event.stats, event.finish_reason))
+        if event.finish_reason and not self.text.stopped:
+            text = self.text.finish()  # the last characters may complete a stop string too
+            finish = "stop" if self.text.stopped else event.finish_reason
+            out.append(self.response(text, None, event.stats, finish, kept=self._kept()))
+        elif self.text.stopped:
+            out.append(self.response("", None, event.stats, "stop", kept=self._kept()))
         return out
+
+    def _kept(self) -> int | None:
+        return len(self.text.kept) if self.text.stopped else None
+
+
+def _stream(engine: Engine, streams: dict) -> Iterator[tuple[int, GenerationResponse]]:
+    """Step the engine, yielding (uid, piece) for each sequence's events (`streams`: uid -> _Pieces).
+    A sequence a stop string ended is cancelled in the engine (it stops at the next step)."""
+    for event in _run(engine):
+        pieces = streams[event.uid]
+        was_stopped = pieces.stopped
+        for piece in pieces(event):
+            yield event.uid, piece
+        if pieces.stopped and not was_stopped:
+            engine.cancel(event.uid)
 
 
 def stream_generate(
@@ -136,6 +162,8 @@ def stream_generate(
     draft=None,
     draft_tokens: int = 4,
     control_tokens: bool = False,
+    stop: Sequence[str] = (),
+    transcript: bool = False,
 ) -> Iterator[GenerationResponse]:
     """Stream text for `prompt`: raw text (BOS added), a list of token ids, or chat messages
     (`[{"role": "user", "content": "..."}]`, rendered with Gemma's chat format).
@@ -151,11 +179,14 @@ def stream_generate(
     prompt cache); `draft_tokens` guesses per round to start with (adapted as it goes).
     `control_tokens`: read "<start_of_turn>" and other special-token strings typed in chat messages
     as tokens (off by default: they stay text, so a message cannot forge a turn; raw text prompts
-    always read them). Any thread may call this, and continue a stream another thread began."""
+    always read them). `stop`: stop strings: the text ends before the first one appears (it is not
+    emitted; the closing piece says how many tokens came before it, `kept_tokens`).
+    `transcript`: chat messages as a plain transcript, for a base model (see prompt.py).
+    Any thread may call this, and continue a stream another thread began."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
     sampler = _sampler(sampler, temp, top_k, top_p, min_p, repetition_penalty, seed)
-    ids, blocks = prompt_ids(tokenizer, model.config, prompt, images, pan_and_scan, control_tokens)
+    ids, blocks = prompt_ids(tokenizer, model.config, prompt, images, pan_and_scan, control_tokens, transcript)
     mx.reset_peak_memory()
     pc = PromptCache(model) if cache is None else cache
     engine = Engine(model, max_batch=1, prefill_chunk=prefill_chunk)
@@ -163,11 +194,10 @@ def stream_generate(
         draft = DraftModel(draft_model)
     elif draft is None and prompt_lookup:
         draft = PromptLookup()
-    engine.submit(ids, max_tokens=max_tokens, sampler=sampler, stop_ids=stop_ids, images=blocks, cache=pc,
-                  logprobs=logprobs, draft=draft, draft_tokens=draft_tokens)
-    pieces = _Pieces(tokenizer, pc)
-    for event in _run(engine):
-        yield from pieces(event)
+    uid = engine.submit(ids, max_tokens=max_tokens, sampler=sampler, stop_ids=stop_ids, images=blocks, cache=pc,
+                        logprobs=logprobs, draft=draft, draft_tokens=draft_tokens)
+    for _, piece in _stream(engine, {uid: _Pieces(tokenizer, pc, stop, strip=transcript)}):
+        yield piece
 
 
 def generate(model, tokenizer, prompt, **kwargs) -> str:
@@ -193,6 +223,7 @@ def stream_batch(
     max_batch: int = 8,
     prefill_chunk: int = 512,
     control_tokens: bool = False,
+    stop: Sequence[str] = (),
 ) -> Iterator[tuple[int, GenerationResponse]]:
     """Generate for several prompts at once: yields (prompt index, piece) as pieces become known,
     each stream ending with its closing piece. At most `max_batch` decode together; the rest wait
@@ -208,11 +239,10 @@ def stream_batch(
         cache = PromptCache(model)
         uid = engine.submit(ids, max_tokens=max_tokens, stop_ids=stop_ids, images=blocks, cache=cache,
                             sampler=make_sampler(temp, top_k, top_p, min_p, repetition_penalty, seed=seed))
-        streams[uid] = (i, _Pieces(tokenizer, cache))
-    for event in _run(engine):
-        i, pieces = streams[event.uid]
-        for piece in pieces(event):
-            yield i, piece
+        streams[uid] = (i, _Pieces(tokenizer, cache, stop))
+    order = {uid: i for uid, (i, _) in streams.items()}
+    for uid, piece in _stream(engine, {uid: pieces for uid, (_, pieces) in streams.items()}):
+        yield order[uid], piece
 
 
 def batch_generate(model, tokenizer, prompts: Sequence, **kwargs) -> list[Completion]:
