@@ -126,13 +126,13 @@ def read_adapter(path: str | Path, config, name: str | None = None) -> Adapter:
         a, b = _read(st, ka, file.name), _read(st, kb, file.name)
         if fmt == "peft":
             a, b = a.T, b.T  # lora_A (r, in), lora_B (out, r) -> (in, r), (r, out)
-        modules[module] = LoRA(a, b, scales(module, pairs_peft_name(ka), a.shape[1]))
+        modules[module] = LoRA(a, b, scales(module, _peft_module_name(ka), a.shape[1]))
     if not modules:
         raise AdapterError(f"{file}: no LoRA tensors in it")
     return Adapter(check_name(name) if name else path.resolve().name, path, fmt, modules)
 
 
-def pairs_peft_name(key: str) -> str:
+def _peft_module_name(key: str) -> str:
     """The module's name as PEFT patterns see it: the key without its prefix and LoRA suffix."""
     key = key.removeprefix("base_model.model.")
     return re.sub(r"\.(lora_[AB]|lora_[ab])(\.default)?(\.weight)?$", "", key)
