@@ -425,3 +425,11 @@ def test_270m_adapter_equals_numpy_merge(model_270m_dir, tmp_path):
     diff = float(mx.abs(got - want).max())
     assert diff < 5e-4, diff
     assert mx.array_equal(mx.argmax(got, -1), mx.argmax(want, -1))
+
+    # a 2 GB adapter for the 270M (sparse: nothing is written or read) is refused from its size alone
+    big = shutil.copytree(tmp_path / "a", tmp_path / "big")
+    with open(big / "adapter_model.safetensors", "r+b") as f:
+        f.truncate(2 << 30)
+    with pytest.raises(AdapterError, match=r"2,147,483,648 bytes, more than any LoRA adapter of this base can hold "
+                                           r"\(at most 559,022,080 at full rank\)"):
+        read_adapter(big, load_config(model_270m_dir))
