@@ -286,11 +286,12 @@ class Engine:
     def _prefill(self) -> list[Event]:
         """Prefill waiting sequences while there is room in the batch, several prompts per forward
         pass (prefill.py): about `prefill_chunk` prompt tokens per step while others decode (a long
-        prompt does not stall them), and every waiting prompt at once when nothing decodes (a batch
-        starts together). A prompt with images runs alone (prompt_cache.py keeps its blocks whole)."""
+        prompt does not stall them); when nothing decodes, passes until the first rows are ready
+        (their first tokens go out; the other prompts go on beside their decoding). A prompt with
+        images runs alone (prompt_cache.py keeps its blocks whole)."""
         events, budget = [], self.prefill_chunk
-        idle = not (self.rows or self.spec)
-        while self.waiting and (idle or budget > 0):
+        while self.waiting and (budget > 0 or not (self.rows or self.spec)):
+            idle = not (self.rows or self.spec)
             group = list(itertools.islice(self.waiting, self.max_batch - len(self.rows) - len(self.spec)))
             if not group:
                 break
