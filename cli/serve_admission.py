@@ -1,13 +1,15 @@
 """Admission by memory: a request starts only when its worst-case KV cache fits the machine's budget.
 
 The budget is what this machine can give the model (memory.machine_memory(), which GEMMA3_MLX_MEMORY
-overrides) less the loaded weights, the runtime and a prefill chunk's activations. On admission a
+overrides) less the loaded weights, the runtime, a prefill chunk's activations and MLX's buffer cache
+(bounded here: the worker sets the limit). On admission a
 request reserves the KV its row can grow to: its prompt plus max_tokens, capped at the context (a
 request without max_tokens whose context would never fit is given what fits, and ends with
 "length"). The engine keeps a batch's global layers in one array padded to the longest row and
-growing in steps (cache.KVCache), so what is counted is the batch's worst case: rows x the longest
-row's worst case at its grown capacity. Idle caches in the pool go first (least recently used); a
-request that still does not fit waits in order; one that could not fit even alone is refused.
+growing in steps (cache.KVCache), so what is counted is the batch's worst case: the longest row's
+worst case at its grown capacity, times the rows that live at once while one joins (batch_bytes).
+Idle caches in the pool go first (least recently used); a request that still does not fit waits in
+order; one that could not fit even alone is refused.
 Arithmetic over the config (cache.kv_bytes): no MLX work, no threads; the worker owns one.
 """
 
@@ -29,6 +31,12 @@ def activations(config, context: int) -> int:
     return max(t.num_attention_heads * chunk * context * 4, 3 * chunk * t.intermediate_size * 4) + t.vocab_size * 4
 
 
+def buffer_cache(memory: int) -> int:
+    """What MLX may keep of freed buffers for reuse (mx.set_cache_limit): a tenth of the memory, at most
+    1 GiB. Left unbounded, a decode loop's growing and re-batched caches leave it holding gigabytes."""
+    return min(memory // 10, 1 << 30)
+
+
 class Admission:
     def __init__(self, config, budget: int, *, bytes_per_value: int, kv_bits: int | None = None,
                  rollback: int | None = None):
@@ -48,7 +56,8 @@ class Admission:
         weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
         memory = machine_memory() if memory is None else memory
         config = model.config
-        budget = memory - weights - RUNTIME_BYTES - activations(config, config.text.max_position_embeddings)
+        spare = buffer_cache(memory)
+        budget = memory - weights - RUNTIME_BYTES - spare - activations(config, config.text.max_position_embeddings)
         return cls(config, max(budget, 0), bytes_per_value=default_dtype().size, kv_bits=cache_args.get("kv_bits"),
                    rollback=cache_args.get("rollback"))
 
@@ -60,8 +69,12 @@ class Admission:
         return kv_bytes(self.config, cap, **self.kv_args)
 
     def batch_bytes(self, rows) -> int:
+        """What a batch of rows with these worst-case tokens can take at its peak: while a row joins
+        (cache.KVCache.merge pads and concatenates) the old batch, the new one and the joining row's
+        own cache all live, so 2n + 1 rows at the longest one's size (measured on the CPU backend:
+        3 rows of 2,000 tokens peaked at about 7x one row's KV in MLX's active memory)."""
         rows = list(rows)
-        return len(rows) * self._row_bytes(max(rows)) if rows else 0
+        return (2 * len(rows) + 1) * self._row_bytes(max(rows)) if rows else 0
 
     def plan(self, prompt: int, max_tokens: int | None) -> int:
         """A request's worst-case tokens (prompt + max_tokens, capped at the context); a ValueError
@@ -70,13 +83,13 @@ class Admission:
             raise ValueError(f"max_tokens is {max_tokens} and the prompt has {prompt} tokens: together "
                              f"{prompt + max_tokens}, more than the model's context of {self.context}")
         tokens = min(prompt + (max_tokens or self.context), self.context)
-        if self._row_bytes(tokens) <= self.budget:
+        if self.batch_bytes([tokens]) <= self.budget:
             return tokens
         fits = self._fitting(prompt)
         if max_tokens is None and fits > prompt:  # no limit asked: the reply gets what memory allows
             return fits
         most = f"; ask for at most {fits - prompt} max_tokens" if fits > prompt else ""
-        raise ValueError(f"this request needs up to {gb(self._row_bytes(tokens))} of KV cache and this server "
+        raise ValueError(f"this request needs up to {gb(self.batch_bytes([tokens]))} of KV cache and this server "
                          f"has {gb(self.budget)} for all requests{most}")
 
     def _fitting(self, prompt: int) -> int:
@@ -84,7 +97,7 @@ class Admission:
         lo, hi = prompt, self.context
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if self._row_bytes(mid) <= self.budget else (lo, mid - 1)
+            lo, hi = (mid, hi) if self.batch_bytes([mid]) <= self.budget else (lo, mid - 1)
         return lo
 
     def admit(self, job, tokens: int, pool, prepared) -> bool:
