@@ -13,8 +13,8 @@ server takes one request at a time); the MLX tools run MLX's CPU backend on the 
 (mlx-lm is started after `import gemma3_mlx`). Each stream is a streamed `/v1/completions` request
 (raw text, greedy, `max_tokens` N) read as raw SSE by a thread of this process. Stream i's prompt
 is a topic sentence plus a run of filler words whose length cycles over MIXED (about 30 to 400
-tokens). Per level: TTFT = request sent -> first text chunk, p50 and p99 over the streams;
-aggregate tok/s = all streams' tokens (from `usage`, else chunks) / (first request sent -> last
+tokens), opened with a tag of its round so that no server has it cached. Per level: TTFT = request
+sent -> first text chunk, p50 and p99 over the streams; aggregate tok/s = all streams' tokens (from `usage`, else chunks) / (first request sent -> last
 stream done), prefill included. Each server is warmed up at the level, then the level runs
 `--rounds` times alternating which server goes first; the best round (by tok/s) of each is kept.
 
@@ -53,9 +53,10 @@ PREAMBLE = ("You are the assistant of a town's public library. Visitors ask abou
             "Answer in one or two short sentences, kindly, and say when you do not know. ")
 
 
-def prompt(i: int) -> str:
+def prompt(i: int, tag: str = "") -> str:
+    """Stream i's prompt; `tag` first, so that no server has seen it (a warm-up would fill their caches)."""
     words = (FILLER * 40)[: MIXED[i % len(MIXED)]]
-    return (f"{' '.join(words)} Here is a short essay about {TOPICS[i % len(TOPICS)]}, written for a school "
+    return (f"{tag} {' '.join(words)} Here is a short essay about {TOPICS[i % len(TOPICS)]}, written for a school "
             f"magazine by a student who loves the subject. It begins:").strip()
 
 
@@ -177,13 +178,12 @@ def start_servers(src: Path, peer: Path, gguf: Path | None, max_batch: int) -> l
 def levels_run(servers: list[Server], levels: list[int], tokens: int, rounds: int) -> list[tuple[int, dict]]:
     rows = []
     for n in levels:
-        texts = [prompt(i) for i in range(n)]
         best = {}
         for s in servers:
-            s.together(texts, 2)  # warm-up at this batch size (and these prompts' caches)
+            s.together([prompt(i, f"Warm-up {n}.") for i in range(n)], 2)  # at this batch size
         for r in range(rounds):
             for s in servers if r % 2 == 0 else servers[::-1]:
-                m = s.together(texts, tokens)
+                m = s.together([prompt(i, f"Round {r} at {n}.") for i in range(n)], tokens)
                 if s.name not in best or m["tps"] > best[s.name]["tps"]:
                     best[s.name] = m
         rows.append((n, best))
