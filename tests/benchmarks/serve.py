@@ -18,7 +18,7 @@ sent -> first text chunk, p50 and p99 over the streams; aggregate tok/s = all st
 stream done), prefill included. Each server is warmed up at the level, then the level runs
 `--rounds` times alternating which server goes first; the best round (by tok/s) of each is kept.
 
-The shared system prompt: a 2K-token preamble, then a question of a few words. Per server: the
+The shared system prompt (run first): a 2K-token preamble, then a question of a few words. Per server: the
 TTFT of one request with a preamble of its own (cold: what prefilling it costs), two requests that
 share the preamble one after another (a cache learns it), then `--shared-streams` concurrent ones
 (TTFT p50/p99). Goals (issue 23): >= 1.0x mlx-lm's tok/s at every level; with the shared system
@@ -122,17 +122,28 @@ class Server:
         return {"sent": sent, "first": first or done, "last": last or done, "done": done, "tokens": n or chunks}
 
     def together(self, texts: list[str], tokens: int) -> dict:
+        """The streams at once; a stream the server refuses or drops (a full listen backlog resets
+        connections) counts as failed and adds no tokens."""
         out = [None] * len(texts)
-        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, self.request(texts[i], tokens)))
-                   for i in range(len(texts))]
+
+        def one(i):
+            try:
+                out[i] = self.request(texts[i], tokens)
+            except (OSError, RuntimeError) as e:
+                out[i] = {"error": f"{type(e).__name__}: {e}"[:200]}
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        wall = max(r["done"] for r in out) - min(r["sent"] for r in out)
-        ttft = [r["first"] - r["sent"] for r in out]
-        return {"tps": sum(r["tokens"] for r in out) / wall, "p50": pct(ttft, 0.5), "p99": pct(ttft, 0.99),
-                "tokens": sum(r["tokens"] for r in out)}
+        ok = [r for r in out if "error" not in r]
+        if not ok:
+            raise RuntimeError(f"{self.name}: every stream failed ({out[0]['error']})")
+        wall = max(r["done"] for r in ok) - min(r["sent"] for r in ok)
+        ttft = [r["first"] - r["sent"] for r in ok]
+        return {"tps": sum(r["tokens"] for r in ok) / wall, "p50": pct(ttft, 0.5), "p99": pct(ttft, 0.99),
+                "tokens": sum(r["tokens"] for r in ok), "failed": len(out) - len(ok)}
 
     def close(self):
         self.proc.terminate()
@@ -161,17 +172,25 @@ def peer_dir(src: Path, tmp: Path) -> Path:
 
 def start_servers(src: Path, peer: Path, gguf: Path | None, max_batch: int) -> list[Server]:
     ports = [free_port() for _ in range(3)]
-    servers = [
-        Server("gemma3-mlx", [sys.executable, "-m", "gemma3_mlx.cli.main", "serve", "-m", str(src), "--port",
-                              str(ports[0]), "--max-batch", str(max_batch), "--max-queue", "64"], ports[0]),
-        Server("mlx-lm", [sys.executable, "-c", "import sys, gemma3_mlx; from mlx_lm.server import main; "
-                          "sys.argv[0] = 'mlx_lm.server'; main()", "--model", str(peer), "--port", str(ports[1]),
-                          "--log-level", "WARNING"], ports[1], model="default_model"),
+    specs = [
+        ("gemma3-mlx", [sys.executable, "-m", "gemma3_mlx.cli.main", "serve", "-m", str(src), "--port", str(ports[0]),
+                        "--max-batch", str(max_batch), "--max-queue", "64"], ports[0], None),
+        ("mlx-lm", [sys.executable, "-c", "import sys, gemma3_mlx; from mlx_lm.server import main; "
+                    "sys.argv[0] = 'mlx_lm.server'; main()", "--model", str(peer), "--port", str(ports[1]),
+                    "--log-level", "WARNING"], ports[1], "default_model"),
     ]
     if gguf is not None:
-        servers.append(Server("llama.cpp", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port",
-                                            str(ports[2]), "--n_threads", "2", "--n_ctx", "8192",
-                                            "--model_alias", "gguf"], ports[2], model="gguf"))
+        specs.append(("llama.cpp", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port",
+                                    str(ports[2]), "--n_threads", "2", "--n_ctx", "8192", "--model_alias", "gguf"],
+                      ports[2], "gguf"))
+    servers = []
+    try:
+        for name, cmd, port, model in specs:
+            servers.append(Server(name, cmd, port, model))
+    except BaseException:  # one did not start: the others must not outlive the run
+        for s in servers:
+            s.close()
+        raise
     return servers
 
 
@@ -188,7 +207,8 @@ def levels_run(servers: list[Server], levels: list[int], tokens: int, rounds: in
                     best[s.name] = m
         rows.append((n, best))
         print(f"{n:2d} streams: " + " | ".join(f"{k} {v['tps']:6.1f} tok/s, TTFT p50 {v['p50']:.2f} s p99 "
-                                                f"{v['p99']:.2f} s" for k, v in best.items()), flush=True)
+                                                f"{v['p99']:.2f} s" + (f", {v['failed']} failed" if v["failed"] else "")
+                                                for k, v in best.items()), flush=True)
     return rows
 
 
@@ -239,8 +259,8 @@ def main():
               f"tokens per stream, best of {a.rounds} rounds; shared preamble {len(tok.encode(preamble))} tokens",
               flush=True)
         try:
-            rows = levels_run(servers, levels, a.tokens, a.rounds)
             shared = shared_run(servers, preamble, a.shared_streams, a.tokens)
+            rows = levels_run(servers, levels, a.tokens, a.rounds)
         finally:
             for s in servers:
                 s.close()
@@ -248,7 +268,8 @@ def main():
     print("\n| streams | " + " | ".join(f"{n} tok/s | TTFT p50 / p99 s" for n in names) + " | ours / mlx-lm |")
     print("|---|" + "---|---|" * len(names) + "---|")
     for n, best in rows:
-        cells = " | ".join(f"{best[k]['tps']:.1f} | {best[k]['p50']:.2f} / {best[k]['p99']:.2f}" for k in names)
+        cells = " | ".join(f"{best[k]['tps']:.1f}{f' ({f} failed)' if (f := best[k]['failed']) else ''} | "
+                           f"{best[k]['p50']:.2f} / {best[k]['p99']:.2f}" for k in names)
         print(f"| {n} | {cells} | {best['gemma3-mlx']['tps'] / best['mlx-lm']['tps']:.2f}x |")
     print(f"\n| shared {a.shared_streams} streams | prefilling it s | TTFT p50 / p99 s | p50 / prefilling | tok/s |")
     print("|---|---|---|---|---|")
