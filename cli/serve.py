@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
+from ..constrain import ConstraintError
 from . import serve_api as api
 from . import serve_ollama
 from . import serve_page
@@ -175,6 +176,12 @@ def make_app(worker: Worker, model_names: tuple[str, ...], *, api_key: str | Non
             job, opts = api.completion_job(body, served, req.send)
         job.adapter = opts["model"] if opts["model"] in adapters else None  # a model choice: not a sampling setting
         job.speculative = _speculative(body)
+        if job.constraint is not None:  # compiled off the event loop: a 400 naming why, before it is queued
+            try:
+                await asyncio.to_thread(job.constraint.check, worker.engine.vocabulary)
+            except ConstraintError as e:
+                param = "tools" if opts.get("tools") else "response_format"
+                raise api.ApiError(400, f"{param}: {e}", param=param, code="invalid_value") from None
         shapes = api.Shapes(chat, opts["model"], tokenizer, ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex)
         req.start(job)
         try:
@@ -188,8 +195,8 @@ def make_app(worker: Worker, model_names: tuple[str, ...], *, api_key: str | Non
             req.close()
             return _error(api.ApiError(first[1], first[2]))
         if opts["stream"]:
-            return _EventStream(_stream(req, shapes, opts["include_usage"]))
-        return await _whole(req, shapes)
+            return _EventStream(_stream(req, shapes, opts["include_usage"], opts.get("tools")))
+        return await _whole(req, shapes, opts.get("tools"))
 
     async def chat_completions(request: Request):
         return await complete(request, chat=True)
@@ -243,7 +250,10 @@ def make_app(worker: Worker, model_names: tuple[str, ...], *, api_key: str | Non
                      exception_handlers={api.ApiError: api_error, HTTPException: http_error, Exception: server_error})
 
 
-async def _stream(req: _Request, shapes: api.Shapes, include_usage: bool):
+async def _stream(req: _Request, shapes: api.Shapes, include_usage: bool, tools=None):
+    """SSE chunks. With tools, a reply that opens with { or [ is held until it ends, then sent as
+    tool_calls if it parses as calls (else as text); a reply that opens otherwise streams as text."""
+    held = [] if tools is not None else None
     try:
         yield _sse(shapes.chunk(None, role=True, include_usage=include_usage)) if shapes.chat else b""
         while True:
@@ -251,9 +261,25 @@ async def _stream(req: _Request, shapes: api.Shapes, include_usage: bool):
             if item is None:
                 return
             if item[0] == "delta":
-                yield _sse(shapes.chunk(item[1], lps=item[2], include_usage=include_usage))
+                if held is not None:
+                    held.append(item[1])
+                    start = "".join(held).lstrip()[:1]
+                    if not start or start in "{[":
+                        continue  # may be a call
+                    text, held = "".join(held), None
+                    yield _sse(shapes.chunk(text, include_usage=include_usage))
+                else:
+                    yield _sse(shapes.chunk(item[1], lps=item[2], include_usage=include_usage))
             elif item[0] == "done":
-                yield _sse(shapes.chunk(None, item[1], include_usage=include_usage))
+                finish = item[1]
+                if held:
+                    calls = tools.parse("".join(held))
+                    if calls:
+                        yield _sse(shapes.calls_chunk(calls, include_usage))
+                        finish = "tool_calls"
+                    else:
+                        yield _sse(shapes.chunk("".join(held), include_usage=include_usage))
+                yield _sse(shapes.chunk(None, finish, include_usage=include_usage))
                 if include_usage:
                     yield _sse(shapes.usage_chunk(item[2]))
                 yield _sse(b"[DONE]")
@@ -265,7 +291,7 @@ async def _stream(req: _Request, shapes: api.Shapes, include_usage: bool):
         req.close()
 
 
-async def _whole(req: _Request, shapes: api.Shapes):
+async def _whole(req: _Request, shapes: api.Shapes, tools=None):
     text, lps = [], [] if req.job.logprobs is not None else None
     try:
         while True:
@@ -277,7 +303,8 @@ async def _whole(req: _Request, shapes: api.Shapes):
                 if lps is not None and item[2]:
                     lps += item[2]
             elif item[0] == "done":
-                return JSONResponse(shapes.whole("".join(text), item[1], item[2], lps))
+                calls = tools.parse("".join(text)) if tools is not None else None
+                return JSONResponse(shapes.whole("".join(text), item[1], item[2], lps, calls))
             elif item[0] == "error":
                 return _error(api.ApiError(item[1], item[2]))
     finally:

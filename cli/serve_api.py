@@ -15,7 +15,9 @@ import math
 import re
 import time
 
+from ..constrain import Constraint, ConstraintError
 from ..prompt import MARKER
+from ..tools import ToolError, ToolUse, chat_messages
 from .serve_worker import Job
 
 IMAGE_PART = MARKER  # where an image part stood in a message's text
@@ -109,12 +111,9 @@ def common(body: dict, model_names: tuple[str, ...]) -> dict:
             raise _bad(key, "not supported (use repetition_penalty)")
     if _get(body, "logit_bias", (dict,), {}):
         raise _bad("logit_bias", "not supported")
-    for key in ("tools", "functions"):
-        if _get(body, key, (list,), []):
-            raise _bad(key, "tool calls are not supported")
-    fmt = _get(body, "response_format", (dict,), {"type": "text"})
-    if fmt.get("type", "text") != "text":
-        raise _bad("response_format", "only text output is supported")
+    if _get(body, "functions", (list,), []):
+        raise _bad("functions", "the legacy functions API is not supported (use tools)")
+    constraint = response_format(_get(body, "response_format", (dict,), {"type": "text"}))
     stream = _get(body, "stream", (bool,), False)
     options = _get(body, "stream_options", (dict,), {})
     stop = _get(body, "stop", (str, list), [])
@@ -134,7 +133,44 @@ def common(body: dict, model_names: tuple[str, ...]) -> dict:
     if sampling["seed"] is not None:
         sampling["seed"] %= 1 << 64  # any integer is a seed (MLX's keys take unsigned 64-bit ones)
     return {"model": model, "stream": stream, "include_usage": bool(stream and options.get("include_usage")),
-            "max_tokens": max_tokens, "sampling": sampling, "stops": stops}
+            "max_tokens": max_tokens, "sampling": sampling, "stops": stops, "constraint": constraint}
+
+
+def response_format(fmt: dict):
+    """OpenAI's response_format -> a Constraint (None for text). Whether it compiles is checked before
+    the request is queued (serve.py), so a schema that cannot run is a 400 naming why, never run free."""
+    kind = fmt.get("type", "text")
+    try:
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return Constraint.json_object()
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec:
+                raise _bad("response_format", 'json_schema needs {"name": ..., "schema": {...}}')
+            return Constraint.json_schema(spec["schema"])
+        if kind == "regex" and isinstance(fmt.get("regex"), str):  # extensions (as vLLM's guided_regex/grammar)
+            return Constraint.regex(fmt["regex"])
+        if kind == "grammar" and isinstance(fmt.get("grammar"), str):  # Lark, or GBNF when it has ::=
+            return Constraint.grammar(fmt["grammar"])
+    except ConstraintError as e:
+        raise _bad("response_format", str(e)) from None
+    raise _bad("response_format", 'type must be "text", "json_object", "json_schema", or (extensions) "regex" '
+                                  f'with "regex", "grammar" with "grammar" (got {kind!r:.40})')
+
+
+def tool_use(body: dict):
+    """tools / tool_choice / parallel_tool_calls -> a ToolUse (None without tools)."""
+    tools = body.get("tools")
+    if tools is None or tools == []:
+        if body.get("tool_choice") not in (None, "none", "auto"):
+            raise _bad("tool_choice", "needs tools")
+        return None
+    try:
+        return ToolUse.from_request(tools, body.get("tool_choice"), body.get("parallel_tool_calls"))
+    except (ToolError, ConstraintError) as e:
+        raise ApiError(400, str(e), param="tools", code="invalid_value") from None
 
 
 def _image(url: str) -> bytes:
@@ -187,12 +223,22 @@ def chat_job(body: dict, model_names: tuple[str, ...], send, vision: bool) -> tu
     messages = _get(body, "messages", (list,), None)
     if not messages:
         raise ApiError(400, "messages: a non-empty array is required", param="messages", code="invalid_value")
-    images, out = [], []
+    tools = tool_use(body)
+    if tools is not None and opts["constraint"] is not None:
+        raise _bad("response_format", "cannot be combined with tools (a call is already held to its schema)")
+    images, texts = [], []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ApiError(400, f"messages[{i}]: role must be one of system, developer, user, assistant",
+        if not isinstance(m, dict) or m.get("role") not in (*ROLES, "tool"):
+            raise ApiError(400, f"messages[{i}]: role must be one of system, developer, user, assistant, tool",
                            param="messages", code="invalid_value")
-        role, text = ROLES[m["role"]], _content(m, i, images)
+        texts.append({**m, "role": ROLES.get(m["role"], m["role"]), "content": _content(m, i, images)})
+    try:
+        texts = chat_messages(texts, tools)  # tools into the prompt; calls and results as plain turns
+    except ToolError as e:
+        raise ApiError(400, str(e), param="messages", code="invalid_value") from None
+    out = []
+    for m in texts:
+        role, text = m["role"], m["content"]
         if out and out[-1]["role"] == role:  # Gemma's turns alternate: consecutive messages of a role join
             out[-1]["content"] += "\n\n" + text
         else:
@@ -206,7 +252,9 @@ def chat_job(body: dict, model_names: tuple[str, ...], send, vision: bool) -> tu
     elif body.get("top_logprobs") is not None:
         raise _bad("top_logprobs", "needs logprobs: true")
     job = Job(send, messages=out, images=images, max_tokens=opts["max_tokens"], sampling=opts["sampling"],
-              stops=opts["stops"], logprobs=logprobs)
+              stops=opts["stops"], logprobs=logprobs, constraint=opts["constraint"])
+    if tools is not None:
+        job.constraint, opts["tools"] = tools.constraint(), tools
     return job, opts
 
 
@@ -224,7 +272,7 @@ def completion_job(body: dict, model_names: tuple[str, ...], send) -> tuple[Job,
         raise _bad("echo", "echo and suffix are not supported")
     logprobs = _get(body, "logprobs", (int,), None, lambda v: 0 <= v <= 20, "between 0 and 20")
     job = Job(send, prompt=prompt, max_tokens=opts["max_tokens"], sampling=opts["sampling"], stops=opts["stops"],
-              logprobs=logprobs)
+              logprobs=logprobs, constraint=opts["constraint"])
     return job, opts
 
 
@@ -276,13 +324,28 @@ class Shapes:
             out["usage"] = None
         return out
 
+    def calls_chunk(self, calls: list[dict], include_usage: bool = False) -> dict:
+        """One chunk carrying every call whole (a call is parsed once its reply has ended)."""
+        deltas = [{"index": i, "id": c["id"], "type": "function",
+                   "function": {"name": c["name"], "arguments": c["arguments"]}} for i, c in enumerate(calls)]
+        out = {**self._base(True), "choices": [{"index": 0, "delta": {"tool_calls": deltas}, "finish_reason": None,
+                                                 "logprobs": None}]}
+        if include_usage:
+            out["usage"] = None
+        return out
+
     def usage_chunk(self, u: dict) -> dict:
         return {**self._base(True), "choices": [], "usage": usage(u)}
 
-    def whole(self, text: str, finish: str, u: dict, lps=None) -> dict:
+    def whole(self, text: str, finish: str, u: dict, lps=None, calls: list[dict] | None = None) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                      "logprobs": None}
+            message = {"role": "assistant", "content": text}
+            if calls:
+                message = {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                    for c in calls]}
+                finish = "tool_calls"
+            choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         if lps is not None:

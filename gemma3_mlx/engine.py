@@ -355,9 +355,8 @@ class Engine:
     def _join(self, seq: _Sequence, logits: mx.array) -> None:
         if seq.sampler.uses_history:
             seq.history = mx.array(seq.prompt)
-        if seq.matcher is not None:
-            logits = _masked(logits, self._masks([seq]))
-        first = self.model.agree(seq.sampler(logits, seq.history if seq.history is not None else ()))
+        drawn = logits if seq.matcher is None else _masked(logits, self._masks([seq]))  # the snapshot keeps them whole
+        first = self.model.agree(seq.sampler(drawn, seq.history if seq.history is not None else ()))
         if seq.logprobs is not None:
             self._logprobs(logits, first, [seq])
             seq.lp_pending, seq.lp_next = seq.lp_next, None
@@ -437,9 +436,7 @@ class Engine:
         history = ()
         if seq.sampler.uses_history:
             history = seq.history = mx.array(seq.prompt + seq.tokens)
-        if seq.matcher is not None:
-            logits = _masked(logits, self._masks([seq]))
-        nxt = seq.sampler(logits, history)
+        nxt = seq.sampler(logits if seq.matcher is None else _masked(logits, self._masks([seq])), history)
         if seq.history is not None:
             seq.history = mx.concatenate([seq.history, nxt])
         self._merge(seq, nxt)

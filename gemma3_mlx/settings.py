@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace as _replace
 
+from .constrain import Constraint
 from .sample import Sampler, validate
 
 MAX_STOP_STRINGS = 16  # as OpenAI's limit is 4 and Ollama's is unbounded: enough for both, bounded
@@ -29,7 +30,7 @@ class Sampling:
     seed: int | None = None  # None: MLX's global random stream
     max_tokens: int = 256
     stop: tuple[str, ...] = ()  # stop strings: the reply ends before the first one (not included)
-    constraint: object | None = None  # a constrain.Constraint: the reply must match it
+    constraint: Constraint | None = None  # what the reply must match (JSON schema, regex, grammar)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -50,8 +51,8 @@ class Sampling:
             if not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS:
                 raise ValueError(f"a stop string must be non-empty text of at most {MAX_STOP_CHARS} characters "
                                  f"(got {s!r:.40})")
-        if self.constraint is not None and not hasattr(self.constraint, "grammar"):
-            raise ValueError("constraint must be a gemma3_mlx.Constraint")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise ValueError("constraint must be a gemma3_mlx.Constraint (Constraint.json_schema(...), ...)")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -72,6 +73,20 @@ class Sampling:
     def draw(self) -> tuple:
         """What the sampler is made from: two settings with equal draws sample alike."""
         return (self.temp, self.top_k, self.top_p, self.min_p, self.repetition_penalty, self.repetition_context)
+
+    def to_json(self) -> dict:
+        """As JSON (the constraint by kind and source): a request sent to other ranks."""
+        d = {f: getattr(self, f) for f in self.names() if f != "constraint"}
+        d["stop"] = list(self.stop)
+        c = self.constraint
+        d["constraint"] = None if c is None else {"kind": c.kind, "source": c.source}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Sampling":
+        c = d.get("constraint")
+        return cls(**{**d, "stop": tuple(d.get("stop", ())),
+                      "constraint": None if c is None else Constraint(c["kind"], c["source"])})
 
     def sampler(self) -> Sampler:
         """A fresh `Sampler` (its own random stream, from `seed`)."""

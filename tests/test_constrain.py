@@ -270,3 +270,21 @@ def test_speculation_with_a_schema_equals_plain_constrained_greedy(model, tok, v
     if proposer == "oracle":  # guesses were both kept and rejected
         assert stats.draft_tokens > stats.accepted_tokens > 0, stats
     replay(vocab, schema, got, wfin[u])
+
+
+def test_a_cache_reused_under_another_constraint_gives_what_a_fresh_one_gives(model, tok):
+    """A prompt cache's snapshot keeps the model's logits, never a constraint's masked ones: a second
+    request on the same conversation, under another constraint, equals the same request on a fresh cache
+    (this once hung the server: the regex's mask met the JSON mask left in the snapshot)."""
+    from gemma3_mlx.prompt_cache import PromptCache
+
+    prompt = tok.encode("Hi")
+    pc = PromptCache(model)
+    first = Engine(model, tokenizer=tok)
+    run(first, [first.submit(prompt, cache=pc, settings=Sampling(max_tokens=30, constraint=Constraint.json_object()))])
+    regex = Sampling(max_tokens=12, constraint=Constraint.regex("[0-9]{3}-[a-z]{2}"))
+    again, fresh = Engine(model, tokenizer=tok), Engine(model, tokenizer=tok)
+    a, b = again.submit(prompt, cache=pc, settings=regex), fresh.submit(prompt, settings=regex)
+    (got, gfin), (want, wfin) = run(again, [a]), run(fresh, [b])
+    assert got[a] == want[b] and gfin[a] == wfin[b] == "stop"
+    assert pc.reprocessed == 0  # the prompt came from the snapshot
