@@ -171,10 +171,10 @@ def _peft_scales(cfg, path):
     targets, rs = cfg.get("target_modules"), bool(cfg.get("use_rslora"))
 
     def pattern(patterns, key, default):
-        return next((v for p, v in patterns.items() if re.fullmatch(rf"(.*\.)?{p}", key)), default)
+        return next((v for p, v in patterns.items() if _match(rf"(.*\.)?{p}", key, path)), default)
 
     def scales(module, key, got):
-        if not _targeted(targets, key):
+        if not _targeted(targets, key, path):
             raise AdapterError(f"{key}: not among the config's target_modules {targets!r}")
         want, a = pattern(ranks, key, r), pattern(alphas, key, alpha)
         if got != want:
@@ -183,13 +183,20 @@ def _peft_scales(cfg, path):
     return scales
 
 
-def _targeted(targets, key: str) -> bool:
+def _targeted(targets, key: str, path: Path) -> bool:
     """PEFT's rule: a string is a regex over the whole module name, a list matches name suffixes."""
     if targets is None or targets == "all-linear":
         return True
     if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
+        return _match(targets, key, path)
     return any(key == t or key.endswith("." + t) for t in targets)
+
+
+def _match(pattern: str, key: str, path: Path) -> bool:
+    try:
+        return re.fullmatch(pattern, key) is not None
+    except re.error as e:
+        raise AdapterError(f"{path / CONFIG_FILE}: {pattern!r} is not a valid regular expression ({e})") from None
 
 
 def _pairs(st: SafetensorsFile, fmt: str, text, fname: str) -> dict[str, tuple[str, str]]:
@@ -201,6 +208,8 @@ def _pairs(st: SafetensorsFile, fmt: str, text, fname: str) -> dict[str, tuple[s
         if m is None or (fmt == "peft") != bool(m.group(4)):
             _refuse_other(key, st, text, fmt)
         module = sanitize_name(m.group(1).removeprefix("base_model.model.") + ".weight")
+        if module is None and "lm_head" in key:
+            _refuse_other(key, st, text, fmt)  # names the vocabulary if it is not the base's
         if module is None:
             raise AdapterError(f"{key}: adapters of the vision tower or the output head are not supported")
         module = module.removesuffix(".weight")

@@ -279,6 +279,16 @@ def test_bad_adapters_are_one_error_line(tiny, text, tmp_path):
             read_adapter(path, quiet_load(tiny)[0].config)
         line = one_error_line(cli("generate", "--raw", "x", "-m", tiny, "--adapter", path))
         assert path.name in line or "layers." in line or "embed" in line, (what, line)
+    # the config must describe the tensors: target_modules (a regex here) and r
+    config = quiet_load(tiny)[0].config
+    for change, message in [({"target_modules": r".*\.(q_proj|k_proj)"}, "mlp.down_proj: not among the config's"),
+                            ({"target_modules": "(["}, "not a valid regular expression"),
+                            ({"r": 8}, r"layers.0.mlp.down_proj.lora_A.weight: rank 4, the config says 8")]:
+        (tmp_path / "cfg").mkdir(exist_ok=True)
+        shutil.copy(good / "adapter_model.safetensors", tmp_path / "cfg")
+        (tmp_path / "cfg" / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(AdapterError, match=message):
+            read_adapter(tmp_path / "cfg", config)
     # a served adapter's name with a path in it, before anything loads
     line = one_error_line(cli("serve", "-m", tiny, "--adapter", f"../x={good}", "--port", "0"))
     assert "adapter name '../x'" in line
@@ -317,7 +327,7 @@ def tiny_with_tokenizer(tokenizer_model: Path, out: Path) -> Path:
     return out
 
 
-def test_server_serves_adapters_by_name_in_one_batch(model_270m_dir, tmp_path):
+def test_server_serves_adapters_by_name_in_one_batch(tokenizer_270m, tmp_path):
     import http.client
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -329,7 +339,7 @@ def test_server_serves_adapters_by_name_in_one_batch(model_270m_dir, tmp_path):
     from gemma3_mlx.cli.serve_worker import Worker
     from test_server import free_port, wait_healthy
 
-    base_dir = tiny_with_tokenizer(model_270m_dir / "tokenizer.model", tmp_path / "tiny-chat")
+    base_dir = tiny_with_tokenizer(tokenizer_270m, tmp_path / "tiny-chat")
     text = load_config(base_dir).text
     make_peft(tmp_path / "alpha", text, 8, 16, seed=21, std=0.3)
     make_mlx_lm(tmp_path / "beta", text, 4, 4.0, seed=22, num_layers=6, std=0.3)
