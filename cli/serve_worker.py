@@ -39,7 +39,7 @@ from ..sample import make_sampler
 from ..speculate import DraftModel, PromptLookup
 from ..streaming import TextStream
 from ..memory import machine_memory
-from .serve_admission import Admission, buffer_cache
+from .serve_admission import Admission, bound_process
 
 # Seconds an idle server split across ranks waits for a request before telling the other ranks "nothing".
 # MLX's ring backend spins a core while a collective waits, so after a few idle turns the other ranks
@@ -123,7 +123,7 @@ class Worker(threading.Thread):
         self.pool = CachePool(model, cache_bytes, measure=measure, **self.engine.cache_args)
         # admission by memory (`memory`: this machine's bytes, else memory.machine_memory())
         self.admission = Admission.for_model(model, self.engine.cache_args, memory)
-        mx.set_cache_limit(buffer_cache(machine_memory() if memory is None else memory))
+        bound_process(machine_memory() if memory is None else memory)
         if group is not None:  # every rank admits alike: the smallest budget
             self.admission.budget = min(row[0] for row in distributed.gather([self.admission.budget], group))
         self._numbers = itertools.count()
