@@ -370,7 +370,7 @@ async function send() {
   notice("");
   const c = conv() || newConversation();
   c.messages.push({ role: "user", content: text, images: state.pending });
-  if (c.title === "New chat") c.title = (text || "Image").slice(0, 60);
+  if (c.title === "New chat") c.title = (text.replace(/\s+/g, " ") || "Image").slice(0, 60);
   state.pending = [];
   drawAttachments();
   input.value = "";

@@ -12,11 +12,10 @@ const Markdown = (() => {
     return node;
   }
 
-  const INLINE = /(`+)([^`][\s\S]*?)\1(?!`)|\*\*(?=\S)([\s\S]*?\S)\*\*|__(?=\S)([\s\S]*?\S)__|\*(?=[^*\s])([^*]*?[^*\s])\*|(?<![\w])_(?=[^_\s])([^_]*?[^_\s])_(?![\w])|\[([^\]\n]+)\]\((https?:\/\/[^\s()]+)\)/g;
+  const INLINE = /(`+)([^`][\s\S]*?)\1(?!`)|\*\*(?=\S)([\s\S]*?\S)\*\*|(?<![\w])__(?=\S)([\s\S]*?\S)__(?![\w])|\*(?=[^*\s])([^*]*?[^*\s])\*|(?<![\w])_(?=[^_\s])([^_]*?[^_\s])_(?![\w])|\[([^\]\n]+)\]\((https?:\/\/[^\s()]+)\)/g;
 
   function inline(text, parent) {
     let last = 0;
-    INLINE.lastIndex = 0;
     const matches = [...text.matchAll(INLINE)];
     for (const m of matches) {
       if (m.index > last) parent.append(document.createTextNode(text.slice(last, m.index)));
