@@ -17,6 +17,7 @@ has the model's whole context). Refused: `template` (the model's own chat templa
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -30,6 +31,7 @@ from mlx.utils import tree_flatten
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..constrain import Constraint, ConstraintError
 from ..memory import config_tensors
 from ..settings import Sampling
 from .serve_api import IMAGE_PART, ROLES, ApiError
@@ -101,13 +103,19 @@ def sampling(options) -> tuple[Sampling, int | None]:
         raise _bad(str(e)) from None
 
 
-def constraint(fmt):
-    """Ollama's `format`: "json" is any JSON object, an object is a JSON Schema, "" or null is free text."""
+def constraint(fmt) -> Constraint | None:
+    """Ollama's `format`: "json" is any JSON object, an object is a JSON Schema, "" or null is free text.
+    (Whether a schema compiles is checked before the request is queued: `routes`.)"""
     if fmt is None or fmt == "":
         return None
-    if fmt != "json" and not isinstance(fmt, dict):
-        raise _bad('format: expected "json" or a JSON schema object')
-    raise _bad("format: structured output is not available on this server yet")
+    try:
+        if fmt == "json":
+            return Constraint.json_object()
+        if isinstance(fmt, dict):
+            return Constraint.json_schema(fmt)
+    except ConstraintError as e:
+        raise _bad(f"format: {e}") from None
+    raise _bad('format: expected "json" or a JSON schema object')
 
 
 def _images(value, where: str) -> list[bytes]:
@@ -141,16 +149,14 @@ def _common(body: dict) -> tuple[Sampling, int | None, bool]:
     if not isinstance(stream, bool):
         raise _bad("stream: expected a boolean")
     s, max_tokens = sampling(body.get("options"))
-    c = constraint(body.get("format"))
-    if c is not None:
-        s = s.replace(constraint=c)
-    return s, max_tokens, stream
+    return s.replace(constraint=constraint(body.get("format"))), max_tokens, stream
 
 
 def _job(send, s: Sampling, max_tokens: int | None, **kw) -> Job:
     """The worker's Job for these settings: the one place that knows how a Job carries them."""
     draw = dict(zip(("temp", "top_k", "top_p", "min_p", "repetition_penalty", "repetition_context"), s.draw()))
-    return Job(send, max_tokens=max_tokens, sampling={**draw, "seed": s.seed}, stops=list(s.stop), **kw)
+    return Job(send, max_tokens=max_tokens, sampling={**draw, "seed": s.seed}, stops=list(s.stop),
+               constraint=s.constraint, **kw)
 
 
 def chat_job(body: dict, send, vision: bool) -> tuple[Job | None, bool]:
@@ -360,6 +366,11 @@ def routes(worker, model_names: tuple[str, ...], *, read_json, authorize, open_r
         if job is None:
             return JSONResponse(shape.loaded(body.get("keep_alive") in (0, "0", "0s", "0m")))
         job.adapter = adapter_of(shape.model)
+        if job.constraint is not None:  # compiled off the event loop: a 400 naming why, before it is queued
+            try:
+                await asyncio.to_thread(job.constraint.check, worker.engine.vocabulary)
+            except ConstraintError as e:
+                raise _bad(f"format: {e}") from None
         req.start(job)  # a full queue: a 503
         try:
             first = await req.next()  # "accepted", or an error found while building the prompt
