@@ -43,6 +43,7 @@ INT = ("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "
        "num_thread", "draft_num_predict")
 FLOAT = ("top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty", "frequency_penalty")
 NEUTRAL = {"typical_p": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}  # samplers this server lacks
+WHOLE_CONTEXT = 1 << 20  # tokens: more than any Gemma 3 context
 TO_SAMPLING = {"temperature": "temp", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
                "repeat_penalty": "repetition_penalty", "repeat_last_n": "repetition_context"}
 
@@ -89,6 +90,11 @@ def sampling(options) -> tuple[Sampling, int | None]:
             raise _bad(f'option "{key}" is not supported by this server (leave it out, or use repeat_penalty)')
     settings = {TO_SAMPLING[k]: v for k, v in known.items() if k in TO_SAMPLING}
     settings["top_k"] = max(settings.get("top_k", 0), 0)  # Ollama: <= 0 is off
+    last_n = settings.pop("repetition_context", None)  # Ollama: 0 is no penalty, -1 the whole context
+    if last_n == 0:
+        settings["repetition_penalty"] = 1.0
+    elif last_n is not None:  # more than any context is the whole context (and stays a 32-bit slice)
+        settings["repetition_context"] = WHOLE_CONTEXT if last_n < 0 else min(last_n, WHOLE_CONTEXT)
     if "seed" in known and known["seed"] >= 0:  # Ollama: -1 is a random seed
         settings["seed"] = known["seed"] % (1 << 64)
     if known.get("stop"):

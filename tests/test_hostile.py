@@ -78,8 +78,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(default_model_dir, tmp_path_factory):
-    s = Server(make_tiny(default_model_dir / "tokenizer.model", tmp_path_factory.mktemp("hostile") / "tiny-chat"))
+def server(tokenizer_270m, tmp_path_factory):
+    s = Server(make_tiny(tokenizer_270m, tmp_path_factory.mktemp("hostile") / "tiny-chat"))
     yield s
     s.close()
     bad = [(path, status) for path, status in s.app.statuses if status >= 500 and status != 503]
@@ -256,3 +256,22 @@ def test_ollama_routes_refuse_in_ollamas_shape(server, path, body, status, words
     got_status, got = server.send(path, data)
     assert got_status == status, got
     assert isinstance(got["error"], str) and words in got["error"], got  # Ollama's shape: {"error": "..."}
+
+
+def test_extreme_but_valid_values_are_served(server):
+    for path, body in (
+        ("/v1/chat/completions", chat("hi", temperature=2, top_k=10**18, seed=-(10**30), repetition_penalty=1e300,
+                                      top_p=1e-300, min_p=0.999999)),
+        ("/v1/completions", {"prompt": [2] * 3, "max_tokens": 2, "seed": 2**64 + 5, "stop": ["\x00", "\U0010ffff"]}),
+        ("/api/chat", ollama_chat("hi", options={"num_predict": 2, "repeat_last_n": 10**18, "top_k": 10**18,
+                                                 "repeat_penalty": 1e300, "seed": -(10**30),
+                                                 "temperature": 1e300, "min_p": 0.999, "num_ctx": 10**12,
+                                                 "num_thread": -5, "f16_kv": "not a bool but unknown"},
+                                  keep_alive=-1)),
+        ("/api/generate", {"model": "tiny-chat:latest", "prompt": "\x00" * 10, "stream": False,
+                           "options": {"num_predict": 2, "stop": ["\ud83d\ude00"]}, "keep_alive": "5m"}),
+    ):
+        status, got = server.send(path, json.dumps(body).encode())
+        assert status == 200, (path, got)
+        usage = got.get("usage", {}).get("completion_tokens") if "usage" in got else got.get("eval_count")
+        assert 1 <= usage <= 2, (path, got)

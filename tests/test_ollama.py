@@ -107,6 +107,11 @@ def test_options_map_onto_the_sampling_settings(tiny):
     assert reply(mirostat=2, num_gpu=99, num_thread=1, num_ctx=64, use_mmap=True, typical_p=1.0,
                  presence_penalty=0).message.content == greedy
     assert reply(num_predict=3.0).eval_count == 3  # JSON numbers are floats to Ollama: an integral one is fine
+    penalized = reply(repeat_penalty=1.5).message.content  # the tiny random model repeats itself: it shows
+    assert penalized != greedy and reply(repeat_penalty=1.5, repeat_last_n=64).message.content == penalized
+    assert reply(repeat_penalty=1.5, repeat_last_n=0).message.content == greedy  # Ollama: 0 turns it off
+    assert reply(repeat_penalty=1.5, repeat_last_n=-1).message.content == reply(
+        repeat_penalty=1.5, repeat_last_n=10**18).message.content  # -1: the whole context, as any larger
     for options, words in (({"temperature": "hot"}, 'option "temperature" must be of type float32'),
                            ({"num_predict": 2.5}, 'option "num_predict" must be of type integer'),
                            ({"stop": "x"}, 'option "stop" must be of an array of strings'),
