@@ -115,7 +115,7 @@ class KVCache(_Rows):
         if self.keys is None:
             self.keys, self.values = gk, gv
         else:
-            self.keys, self.values = _cat(self.keys, gk, 2), _cat(self.values, gv, 2)
+            self.keys, self.values = _cat([self.keys, gk], 2), _cat([self.values, gv], 2)
 
     def make_mask(self, L: int) -> mx.array | None:
         if L == 1 and _uniform(self.offsets):
@@ -138,12 +138,13 @@ class KVCache(_Rows):
         ns = n if isinstance(n, list) else [n] * len(self.offsets)
         self.offsets = [max(0, o - k) for o, k in zip(self.offsets, ns)]
 
-    def merge(self, other: "KVCache") -> "KVCache":
-        """A new cache holding this cache's rows, then `other`'s."""
-        out = self._like(self.offsets + other.offsets)
-        cap = max(self._capacity(), other._capacity())
-        out.keys = _cat(_pad(self.keys, cap), _pad(other.keys, cap), 0)
-        out.values = _cat(_pad(self.values, cap), _pad(other.values, cap), 0)
+    def merge(self, *others: "KVCache") -> "KVCache":
+        """A new cache holding this cache's rows, then the others' (one copy, however many)."""
+        caches = (self, *others)
+        out = self._like([o for c in caches for o in c.offsets])
+        cap = max(c._capacity() for c in caches)
+        out.keys = _cat([_pad(c.keys, cap) for c in caches], 0)
+        out.values = _cat([_pad(c.values, cap) for c in caches], 0)
         return out
 
     def select(self, rows: list[int]) -> "KVCache":
@@ -298,11 +299,12 @@ class WindowCache(_Rows):
                                  f"position; asked for {k} at {o} (furthest {h})")
         self.offsets = [o - k for o, k in zip(self.offsets, ns)]
 
-    def merge(self, other: "WindowCache") -> "WindowCache":
-        if other.size != self.size:
+    def merge(self, *others: "WindowCache") -> "WindowCache":
+        caches = (self, *others)
+        if any(c.size != self.size for c in others):
             raise ValueError("window caches of different sizes cannot share a batch")
-        out = self._like(self.offsets + other.offsets, self.his + other.his)
-        out.keys, out.values = _cat(self.keys, other.keys, 0), _cat(self.values, other.values, 0)
+        out = self._like([o for c in caches for o in c.offsets], [h for c in caches for h in c.his])
+        out.keys, out.values = _cat([c.keys for c in caches], 0), _cat([c.values for c in caches], 0)
         return out
 
     def select(self, rows: list[int]) -> "WindowCache":
@@ -343,10 +345,10 @@ def _leaves(arrays) -> list[mx.array]:
     return out
 
 
-def _cat(a, b, axis: int):
-    if isinstance(a, tuple):
-        return tuple(mx.concatenate([x, y], axis=axis) for x, y in zip(a, b))
-    return mx.concatenate([a, b], axis=axis)
+def _cat(arrays: list, axis: int):
+    if isinstance(arrays[0], tuple):
+        return tuple(mx.concatenate(list(parts), axis=axis) for parts in zip(*arrays))
+    return mx.concatenate(arrays, axis=axis)
 
 
 def _pad(a, cap: int):

@@ -105,10 +105,7 @@ def _merged(rows: list[list]) -> list:
         for c in per_row:
             if c.keys is None:
                 c.keys, c.values = _empty_like(held[0].keys, c), _empty_like(held[0].values, c)
-        merged = per_row[0]
-        for c in per_row[1:]:
-            merged = merged.merge(c)
-        out.append(merged)
+        out.append(per_row[0].merge(*per_row[1:]))  # one copy of every row
     return out
 
 
