@@ -429,3 +429,29 @@ def test_stop_regenerate_edit_settings_copy_and_conversations(browser, scripted)
         p.check_clean()
     finally:
         p.close()
+
+
+def test_serve_open_opens_the_page_in_the_browser(gemma3_home, tmp_path):
+    # webbrowser takes $BROWSER first: here a command that writes down the address it was given.
+    import subprocess
+    import sys
+    import urllib.request
+
+    opened = tmp_path / "opened"
+    env = {**os.environ, "GEMMA3_MLX_HOME": str(gemma3_home), "BROWSER": f"sh -c 'echo %s > {opened}'",
+           "NO_COLOR": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gemma3_mlx.cli.main", "serve", "--open", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        end = time.time() + 240
+        while not (opened.exists() and opened.read_text().strip()) and time.time() < end and proc.poll() is None:
+            time.sleep(0.2)
+        url = opened.read_text().strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/") and not url.endswith(":0/")
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.status == 200 and b'<script src="/ui/app.js"' in r.read()
+            assert "default-src 'none'" in r.headers["content-security-policy"]
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert f"chat page: {url}" in err
