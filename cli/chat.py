@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from ..constrain import MAX_SOURCE_CHARS, Constraint
 from ..errors import Gemma3Error
 from ..image import load_image
 from ..models import cache_dir
@@ -21,6 +22,7 @@ from .ui import UI, _warn, error, error_text, note, speculation
 
 CHAT_HELP = '''commands: /image PATH  /system TEXT  /retry  /undo  /reset  /save FILE  /load FILE  /stats  /show
           /set NAME VALUE (temp, top-k, top-p, min-p, repetition-penalty, max-tokens, seed)  /help  /quit
+          /set format json | schema FILE | regex PATTERN | grammar FILE | off (replies that programs can parse)
 """  starts a message of several lines; """ again ends it. Ctrl-C stops a reply; Ctrl-D quits.'''
 
 # /set names, as the flags spell them, and the type each takes.
@@ -30,10 +32,54 @@ SET_TYPES = {"temp": float, "top_k": int, "top_p": float, "min_p": float, "repet
              "max_tokens": int, "seed": int}
 
 
+def read_text_arg(value: str) -> str:
+    """A file's text when `value` names a file, else `value` itself (inline JSON): bounded either way."""
+    path = Path(value).expanduser()
+    if len(value) < 4096 and path.is_file():
+        if path.stat().st_size > MAX_SOURCE_CHARS:
+            raise ValueError(f"{value}: over {MAX_SOURCE_CHARS:,} bytes; a schema or grammar must be smaller")
+        return path.read_text(encoding="utf-8", errors="replace")
+    if value.lstrip().startswith(("{", "[")) or "::=" in value or ":" in value:
+        return value
+    raise ValueError(f"{value}: no such file (give a file, or the schema or grammar itself)")
+
+
+def constraint_from_options(json_schema: str | None, regex: str | None, grammar: str | None):
+    """generate's --json-schema FILE|JSON, --regex PATTERN, --grammar FILE (at most one) -> a Constraint."""
+    given = [(k, v) for k, v in (("--json-schema", json_schema), ("--regex", regex), ("--grammar", grammar)) if v]
+    if len(given) > 1:
+        raise ValueError(f"give one of --json-schema, --regex and --grammar (got {' and '.join(k for k, _ in given)})")
+    if json_schema:
+        return Constraint.json_schema(read_text_arg(json_schema))
+    if regex:
+        return Constraint.regex(regex)
+    if grammar:
+        return Constraint.grammar(read_text_arg(grammar))
+    return None
+
+
+def constraint_from(spec: str):
+    """/set format json | schema FILE | regex PATTERN | grammar FILE | off -> a Constraint (None: off)."""
+    kind, _, value = spec.partition(" ")
+    value = value.strip()
+    if kind == "off" and not value:
+        return None
+    if kind == "json" and not value:
+        return Constraint.json_object()
+    if kind == "regex" and value:
+        return Constraint.regex(value)
+    if kind in ("schema", "grammar") and value:
+        text = read_text_arg(value)
+        return Constraint.json_schema(text) if kind == "schema" else Constraint.grammar(text)
+    raise ValueError("usage: /set format json | schema FILE | regex PATTERN | grammar FILE | off")
+
+
 def _settings_text(session) -> str:
     s = session.settings
-    return ", ".join(f"{flag} {'none' if s[key] is None else s[key]}" for flag, key in SET_NAMES.items()
-                     if flag != "temperature")
+    text = ", ".join(f"{flag} {'none' if getattr(s, key) is None else getattr(s, key)}"
+                     for flag, key in SET_NAMES.items() if flag != "temperature")
+    c = s.constraint
+    return text + (f", format {c.describe()}" if c is not None else ", format off")
 
 
 def run(session, path: Path, pending: list, interactive: bool, read=None) -> None:
@@ -147,6 +193,9 @@ def chat_command(session, path: Path, line: str, pending: list):
         last_user = max((i for i, m in enumerate(session.messages) if m["role"] == "user"), default=None)
         for m in session.messages[last_user:] if last_user is not None else []:
             typer.echo(("you: " if m["role"] == "user" else "model: ") + m["content"])
+    elif cmd == "/set" and arg.split(" ", 1)[0].lower() == "format":
+        session.set(constraint=constraint_from(arg.partition(" ")[2].strip()))
+        note(f"format set to {arg.partition(' ')[2].strip()}", dim=True)
     elif cmd == "/set":
         name, _, value = arg.partition(" ")
         key = SET_NAMES.get(name.lower().replace("_", "-"))

@@ -32,7 +32,8 @@ from ..adapters import AdapterError, check_name
 from ..errors import Gemma3Error
 from ..models import DEFAULT_MODEL, damaged, list_models, looks_like_hub_id, models_dir, remove, resolve
 from ..prompt_cache import PromptCache
-from ..settings import Sampling
+from ..constrain import vocabulary as constraint_vocabulary
+from ..settings import DEFAULT, Sampling
 from ..shard import OnPaper, Plan
 from . import chat as chat_loop
 from .parallel import open_parallel, quiet_other_ranks, read_on_rank0, report_ranks, shared_stdin
@@ -98,15 +99,20 @@ def generate(
     model: Optional[str] = ModelOpt,
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System instructions (chat format only)."),
     stats: bool = typer.Option(False, "--stats", help="Print speed, peak memory and KV bytes to stderr."),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
-    temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature; 0 is greedy."),
-    top_k: int = typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0: off)."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1: off)."),
-    min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=1.0, help="Drop tokens below min-p x the top probability."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.0, help="Penalize recent tokens (1: off)."),
+    max_tokens: int = typer.Option(DEFAULT.max_tokens, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
+    temp: float = typer.Option(DEFAULT.temp, "--temp", min=0.0, help="Sampling temperature; 0 is greedy."),
+    top_k: int = typer.Option(DEFAULT.top_k, "--top-k", min=0, help="Keep the k most likely tokens (0: off)."),
+    top_p: float = typer.Option(DEFAULT.top_p, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1: off)."),
+    min_p: float = typer.Option(DEFAULT.min_p, "--min-p", min=0.0, max=1.0, help="Drop tokens below min-p x the top probability."),
+    repetition_penalty: float = typer.Option(DEFAULT.repetition_penalty, "--repetition-penalty", min=0.0, help="Penalize recent tokens (1: off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible sampling."),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="End the output before this text; it is not printed "
                                              "(repeatable)."),
+    json_schema: Optional[str] = typer.Option(None, "--json-schema", metavar="FILE|JSON",
+                                              help="Output JSON matching this schema (a file, or the schema itself)."),
+    regex: Optional[str] = typer.Option(None, "--regex", metavar="PATTERN", help="Output matching this regular expression."),
+    grammar: Optional[str] = typer.Option(None, "--grammar", metavar="FILE", help="Output matching this grammar "
+                                          "(Lark, or llama.cpp GBNF)."),
     raw: bool = typer.Option(False, "--raw", help="No chat template (for base models such as the default one)."),
     image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="An image to show the model (repeatable)."),
     pan_and_scan: bool = typer.Option(False, "--pan-and-scan", help="Also show crops of large or non-square images."),
@@ -130,7 +136,10 @@ def generate(
     with user_errors():
         if image:
             image = [load_image(p) for p in image]  # fail fast, before loading the model
-        stop = Sampling(stop=tuple(stop or ())).stop  # checked before loading: an empty --stop is one line
+        # checked before loading: a bad value, schema or grammar is one line
+        settings = Sampling(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                            seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()),
+                            constraint=chat_loop.constraint_from_options(json_schema, regex, grammar))
         no_parallel_adapter(parallel, adapter)
         group = None
         if parallel:
@@ -147,11 +156,10 @@ def generate(
         if prompt == "-":
             prompt = shared_stdin(group)
         text = prompt if raw else ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        for r in stream_generate(
-            model_obj, tokenizer, text, max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p,
-            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, images=image or None,
-            pan_and_scan=pan_and_scan, draft_model=draft, prompt_lookup=prompt_lookup, stop=stop,
-        ):
+        if settings.constraint is not None:
+            settings.constraint.check(constraint_vocabulary(tokenizer, model_obj.config.text.vocab_size))
+        for r in stream_generate(model_obj, tokenizer, text, settings=settings, images=image or None,
+                                 pan_and_scan=pan_and_scan, draft_model=draft, prompt_lookup=prompt_lookup):
             sys.stdout.write(r.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -411,11 +419,11 @@ def chat(
     image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="An image for the first message (repeatable)."),
     pan_and_scan: bool = typer.Option(False, "--pan-and-scan", help="Also show crops of large or non-square images."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Most tokens per reply."),
-    temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature; 0 is greedy."),
-    top_k: int = typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0: off)."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1: off)."),
-    min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=1.0, help="Drop tokens below min-p x the top probability."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.0, help="Penalize recent tokens (1: off)."),
+    temp: float = typer.Option(DEFAULT.temp, "--temp", min=0.0, help="Sampling temperature; 0 is greedy."),
+    top_k: int = typer.Option(DEFAULT.top_k, "--top-k", min=0, help="Keep the k most likely tokens (0: off)."),
+    top_p: float = typer.Option(DEFAULT.top_p, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1: off)."),
+    min_p: float = typer.Option(DEFAULT.min_p, "--min-p", min=0.0, max=1.0, help="Drop tokens below min-p x the top probability."),
+    repetition_penalty: float = typer.Option(DEFAULT.repetition_penalty, "--repetition-penalty", min=0.0, help="Penalize recent tokens (1: off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seeds the session once: the same seed, the same session."),
     draft_model: Optional[str] = typer.Option(None, "--draft-model", help="A smaller Gemma 3 guessing ahead (speculative "
                                               "decoding: the same replies, faster when its guesses hold)."),
@@ -451,10 +459,10 @@ def chat(
             fail(f"{path.name} is a text-only model: it cannot see images")
         warn_if_base(path, model_obj.config, "it answers through a transcript; use {it} for real chat")
         draft = open_model(resolve_model(draft_model))[0] if draft_model else None
+        settings = Sampling(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                            seed=seed, max_tokens=max_tokens)
         session = ChatSession(model_obj, tokenizer, system=system, pan_and_scan=pan_and_scan, draft_model=draft,
-                              prompt_lookup=prompt_lookup,
-                              max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                              repetition_penalty=repetition_penalty, seed=seed)
+                              prompt_lookup=prompt_lookup, settings=settings)
     read = chat_loop.read_message if group is None else read_on_rank0(chat_loop.read_message, group)
     chat_loop.run(session, path, pending, interactive, read=read)
 

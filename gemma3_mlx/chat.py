@@ -26,23 +26,21 @@ from pathlib import Path
 from typing import Iterator
 
 from ._atomic import replace_file
-from .generate import GenerationResponse, stream_generate
+from .generate import GenerationResponse, settings_from, stream_generate
 from .prompt import MARKER, TRANSCRIPT_STOP, prompt_ids, uses_transcript
 from .prompt_cache import PromptCache
 from .speculate import DraftModel, PromptLookup
-from .sample import make_sampler, validate
+from .settings import Sampling
+from .tools import ToolUse, chat_messages
 
-# The settings a session can change, with their defaults (those of stream_generate).
-SETTINGS = {"temp": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0, "max_tokens": 256,
-            "seed": None}
-_SAMPLER_KEYS = ("temp", "top_k", "top_p", "min_p", "repetition_penalty")
 MAX_SAVED_BYTES = 32 << 20  # a saved conversation: a 128K-token context is about 0.5 MB of text
 
 
 class ChatSession:
     def __init__(self, model, tokenizer, system: str | None = None, pan_and_scan: bool = False, *,
                  draft_model=None, prompt_lookup: bool = False, control_tokens: bool = False,
-                 transcript: bool | None = None, **sampling):
+                 transcript: bool | None = None, settings: Sampling | None = None, tools=None,
+                 tool_choice="auto", parallel_tool_calls: bool = True, **sampling):
         self.model, self.tokenizer = model, tokenizer
         # A base model chats through a transcript ("User: ... Assistant: ..."; see prompt.py); None: by the model.
         self.transcript = uses_transcript(model.config) if transcript is None else transcript
@@ -51,8 +49,11 @@ class ChatSession:
         self.draft = DraftModel(draft_model) if draft_model is not None else PromptLookup() if prompt_lookup else None
         self.system = system
         self.pan_and_scan = pan_and_scan
-        self.sampling: dict = {}  # max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed (see SETTINGS)
-        self.set(**sampling)
+        self.settings: Sampling = settings_from(settings, sampling)  # how replies are drawn (settings.py)
+        # Tool calls (tools.py): the tools join the system prompt; each reply is held to tool_choice.
+        self.tools = ToolUse.from_request(tools, tool_choice, parallel_tool_calls) if tools else None
+        if self.tools is not None and self.settings.constraint is not None:
+            raise ValueError("a constraint and tools cannot be combined (a call is already held to its schema)")
         self.messages: list[dict] = []  # {"role": "user"|"assistant", "content": str, "images": [paths]}
         self.cache = PromptCache(model)
         self.last: GenerationResponse | None = None  # statistics of the last reply still in the conversation
@@ -74,32 +75,21 @@ class ChatSession:
             finally:
                 self._streaming_in = None
 
-    @property
-    def settings(self) -> dict:
-        """Every sampling setting and max_tokens, defaults filled in."""
-        return {**SETTINGS, **self.sampling}
-
     def set(self, **changes) -> None:
-        """Change settings (temp, top_k, top_p, min_p, repetition_penalty, max_tokens, seed) from the next
-        reply on. A new seed restarts the random stream; other changes keep it going."""
-        unknown = set(changes) - set(SETTINGS)
-        if unknown:
-            raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))} (known: {', '.join(SETTINGS)})")
-        s = {**self.settings, **changes}
-        validate(*(s[k] for k in _SAMPLER_KEYS))
-        if s["max_tokens"] < 1:
-            raise ValueError(f"max_tokens must be >= 1 (got {s['max_tokens']})")
-        self.sampling.update(changes)
+        """Change settings (any of settings.Sampling's: temp, top_k, top_p, min_p, repetition_penalty,
+        max_tokens, seed, stop, constraint) from the next reply on; a bad value changes nothing. A new
+        seed restarts the random stream; other changes keep it going."""
+        self.settings = self.settings.replace(**changes)
 
     @property
     def sampler(self):
         """The session's sampler, remade when a setting changed (keeping its random key unless the seed did)."""
         s = self.settings
-        made_from = tuple(s[k] for k in _SAMPLER_KEYS) + (s["seed"],)
+        made_from = s.draw() + (s.seed,)
         if made_from != self._sampler_made_from:
             old, old_seed = self._sampler, self._sampler_made_from and self._sampler_made_from[-1]
-            self._sampler = make_sampler(*made_from[:-1], seed=s["seed"])
-            if old is not None and s["seed"] == old_seed:
+            self._sampler = s.sampler()
+            if old is not None and s.seed == old_seed:
                 self._sampler.key = old.key  # the same random stream goes on
             self._sampler_made_from = made_from
         return self._sampler
@@ -107,7 +97,27 @@ class ChatSession:
     @property
     def greedy(self) -> bool:
         """Temperature 0: a retried reply is the same reply."""
-        return self.settings["temp"] == 0
+        return self.settings.temp == 0
+
+    @property
+    def calls(self) -> list[dict] | None:
+        """The last reply's tool calls ([{"id", "name", "arguments"}], arguments as JSON text), or None
+        when it is text (or no tools were given). Answer them with `send_tool_results`."""
+        last = self.messages[-1] if self.messages else None
+        return last.get("tool_calls") if last and last["role"] == "assistant" else None
+
+    def send_tool_results(self, results: dict) -> Iterator[GenerationResponse]:
+        """Answer the last reply's calls ({call id: result text}) and stream the next reply."""
+        calls = {c["id"] for c in self.calls or ()}
+        unknown = [k for k in results if k not in calls]
+        if unknown or not results:
+            raise ValueError(f"no call of the last reply has the id {unknown[0]!r}" if unknown else "no results")
+        adds = [{"role": "tool", "tool_call_id": k, "content": str(v), "images": []} for k, v in results.items()]
+
+        def add():
+            self.messages.extend(adds)
+
+        return self._reply(add)
 
     def count_tokens(self) -> int:
         """Tokens the conversation takes as it stands (0 when empty; the system prompt joins the first turn)."""
@@ -179,7 +189,15 @@ class ChatSession:
                     msg["content"] = MARKER * len(m["images"]) + m["content"]
             if "ids" in m:
                 msg["ids"] = m["ids"]
+            if m.get("tool_calls"):  # rendered as the call's text; its ids keep the cache matching
+                msg["tool_calls"] = [{"id": c["id"], "type": "function",
+                                      "function": {"name": c["name"], "arguments": c["arguments"]}}
+                                     for c in m["tool_calls"]]
+            if m["role"] == "tool":
+                msg["tool_call_id"] = m["tool_call_id"]
             msgs.append(msg)
+        if self.tools is not None:
+            msgs = chat_messages(msgs, self.tools)
         return msgs, images
 
     def _reply(self, change) -> Iterator[GenerationResponse]:
@@ -191,11 +209,15 @@ class ChatSession:
             try:
                 change()
                 msgs, images = self._render()
+                settings = self.settings
+                if self.transcript:
+                    settings = settings.replace(stop=settings.stop + (TRANSCRIPT_STOP,))
+                if self.tools is not None:
+                    settings = settings.replace(constraint=self.tools.constraint())
                 for r in stream_generate(self.model, self.tokenizer, msgs, cache=self.cache, images=images or None,
-                                         pan_and_scan=self.pan_and_scan, max_tokens=self.settings["max_tokens"],
-                                         sampler=self.sampler, draft=self.draft, control_tokens=self.control_tokens,
-                                         transcript=self.transcript,
-                                         stop=(TRANSCRIPT_STOP,) if self.transcript else ()):
+                                         pan_and_scan=self.pan_and_scan, settings=settings, sampler=self.sampler,
+                                         draft=self.draft, control_tokens=self.control_tokens,
+                                         transcript=self.transcript):
                     pieces.append(r.text)
                     if r.token is not None:
                         ids.append(r.token)
@@ -211,8 +233,11 @@ class ChatSession:
                 raise
             finally:  # a cancelled or interrupted reply keeps what was said so far
                 if pieces:  # its ids go back into the next prompt as generated, so the cache matches it
-                    self.messages.append({"role": "assistant", "content": "".join(pieces).strip(), "images": [],
-                                          "ids": ids})
+                    reply = {"role": "assistant", "content": "".join(pieces).strip(), "images": [], "ids": ids}
+                    calls = self.tools.parse(reply["content"]) if self.tools is not None else None
+                    if calls:
+                        reply["tool_calls"] = calls
+                    self.messages.append(reply)
 
     def save(self, path: str | Path) -> None:
         """The conversation as JSON: roles, texts and image paths (token ids are not saved). Written

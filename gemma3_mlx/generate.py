@@ -17,7 +17,8 @@ from ._streams import any_thread
 from .engine import STOP_IDS, Engine, Event, Stats
 from .prompt import prompt_ids
 from .prompt_cache import PromptCache
-from .sample import Sampler, make_sampler
+from .sample import Sampler
+from .settings import DEFAULT, Sampling
 from .speculate import DraftModel, PromptLookup
 from .streaming import TextStream
 
@@ -69,25 +70,31 @@ def generate_tokens(
     prompt_ids: Sequence[int],
     *,
     cache: PromptCache | None = None,
-    max_tokens: int = 256,
+    settings: Sampling | None = None,
     sampler=None,
     stop_ids: Sequence[int] = STOP_IDS,
     prefill_chunk: int = 512,
     images: list | None = None,
+    tokenizer=None,
+    **sampling,
 ) -> Iterator[int]:
-    """Yield generated token ids (the stop token included, then it ends).
+    """Yield generated token ids (the stop token included, then it ends). Sampling as in
+    `stream_generate` (a constraint needs the `tokenizer`).
 
     With a `PromptCache`, only the part of the prompt it does not already hold is processed,
     and it keeps the conversation (prompt + reply) for the next call.
     """
-    engine = Engine(model, max_batch=1, prefill_chunk=prefill_chunk)
-    engine.submit(prompt_ids, max_tokens=max_tokens, sampler=sampler, stop_ids=stop_ids, images=images, cache=cache)
+    engine = Engine(model, max_batch=1, prefill_chunk=prefill_chunk, tokenizer=tokenizer)
+    engine.submit(prompt_ids, settings=settings_from(settings, sampling), sampler=sampler, stop_ids=stop_ids,
+                  images=images, cache=cache)
     for event in _run(engine):
         yield event.token
 
 
-def _sampler(sampler, temp, top_k, top_p, min_p, repetition_penalty, seed) -> Sampler:
-    return sampler if sampler is not None else make_sampler(temp, top_k, top_p, min_p, repetition_penalty, seed=seed)
+def settings_from(settings: Sampling | None, overrides: dict) -> Sampling:
+    """The sampling settings of a call: `settings` (default: Sampling()'s defaults) with the keyword
+    arguments given for single settings (temp=0.7, max_tokens=64, stop=[...], constraint=...)."""
+    return (settings or DEFAULT).replace(**overrides) if overrides else (settings or DEFAULT)
 
 
 class _Pieces:
@@ -143,13 +150,7 @@ def stream_generate(
     tokenizer,
     prompt,
     *,
-    max_tokens: int = 256,
-    temp: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    seed: int | None = None,
+    settings: Sampling | None = None,
     sampler: Sampler | None = None,
     stop_ids: Sequence[int] = STOP_IDS,
     cache: PromptCache | None = None,
@@ -162,13 +163,16 @@ def stream_generate(
     draft=None,
     draft_tokens: int = 4,
     control_tokens: bool = False,
-    stop: Sequence[str] = (),
     transcript: bool = False,
+    **sampling,
 ) -> Iterator[GenerationResponse]:
     """Stream text for `prompt`: raw text (BOS added), a list of token ids, or chat messages
     (`[{"role": "user", "content": "..."}]`, rendered with Gemma's chat format).
     Every piece but the last carries one token; the last has `token` None, the remaining text
     and the `finish_reason` ("stop" or "length").
+    How to sample: `settings` (a `Sampling`: temp, top_k, top_p, min_p, repetition_penalty, seed,
+    max_tokens, stop strings, and a `constraint` the reply must match), or any of those as keyword
+    arguments (`temp=0.7, constraint=Constraint.json_schema(schema)`), which override `settings`.
     Pass a `PromptCache` to reuse work across calls (multi-turn chat, a shared document), and a
     `sampler` (`make_sampler(...)`) to keep one random stream across calls instead of `seed`.
     `images` (paths, bytes or PIL images) go where the text says `<start_of_image>`, else before
@@ -183,20 +187,18 @@ def stream_generate(
     emitted; the closing piece says how many tokens came before it, `kept_tokens`).
     `transcript`: chat messages as a plain transcript, for a base model (see prompt.py).
     Any thread may call this, and continue a stream another thread began."""
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
-    sampler = _sampler(sampler, temp, top_k, top_p, min_p, repetition_penalty, seed)
+    settings = settings_from(settings, sampling)
     ids, blocks = prompt_ids(tokenizer, model.config, prompt, images, pan_and_scan, control_tokens, transcript)
     mx.reset_peak_memory()
     pc = PromptCache(model) if cache is None else cache
-    engine = Engine(model, max_batch=1, prefill_chunk=prefill_chunk)
+    engine = Engine(model, max_batch=1, prefill_chunk=prefill_chunk, tokenizer=tokenizer)
     if draft is None and draft_model is not None:
         draft = DraftModel(draft_model)
     elif draft is None and prompt_lookup:
         draft = PromptLookup()
-    uid = engine.submit(ids, max_tokens=max_tokens, sampler=sampler, stop_ids=stop_ids, images=blocks, cache=pc,
+    uid = engine.submit(ids, settings=settings, sampler=sampler, stop_ids=stop_ids, images=blocks, cache=pc,
                         logprobs=logprobs, draft=draft, draft_tokens=draft_tokens)
-    for _, piece in _stream(engine, {uid: _Pieces(tokenizer, pc, stop, strip=transcript)}):
+    for _, piece in _stream(engine, {uid: _Pieces(tokenizer, pc, settings.stop, strip=transcript)}):
         yield piece
 
 
@@ -210,36 +212,31 @@ def stream_batch(
     tokenizer,
     prompts: Sequence,
     *,
-    max_tokens: int = 256,
-    temp: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    seed: int | None = None,
+    settings: Sampling | None = None,
     stop_ids: Sequence[int] = STOP_IDS,
     images: Sequence | None = None,
     pan_and_scan: bool = False,
     max_batch: int = 8,
     prefill_chunk: int = 512,
     control_tokens: bool = False,
-    stop: Sequence[str] = (),
+    **sampling,
 ) -> Iterator[tuple[int, GenerationResponse]]:
     """Generate for several prompts at once: yields (prompt index, piece) as pieces become known,
     each stream ending with its closing piece. At most `max_batch` decode together; the rest wait
     and join as others finish. Each prompt's output is what it gives alone (the same `seed` gives
-    each prompt its own, identical random stream). `images`: a list of images per prompt."""
+    each prompt its own, identical random stream). `images`: a list of images per prompt. Sampling:
+    `settings` and keyword overrides, as in `stream_generate` (one constraint for every prompt)."""
+    settings = settings_from(settings, sampling)
     images = list(images) if images is not None else [None] * len(prompts)
     if len(images) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
-    engine = Engine(model, max_batch=max_batch, prefill_chunk=prefill_chunk)
+    engine = Engine(model, max_batch=max_batch, prefill_chunk=prefill_chunk, tokenizer=tokenizer)
     streams = {}
     for i, (prompt, imgs) in enumerate(zip(prompts, images)):
         ids, blocks = prompt_ids(tokenizer, model.config, prompt, imgs, pan_and_scan, control_tokens)
         cache = PromptCache(model)
-        uid = engine.submit(ids, max_tokens=max_tokens, stop_ids=stop_ids, images=blocks, cache=cache,
-                            sampler=make_sampler(temp, top_k, top_p, min_p, repetition_penalty, seed=seed))
-        streams[uid] = (i, _Pieces(tokenizer, cache, stop))
+        uid = engine.submit(ids, settings=settings, stop_ids=stop_ids, images=blocks, cache=cache)
+        streams[uid] = (i, _Pieces(tokenizer, cache, settings.stop))
     order = {uid: i for uid, (i, _) in streams.items()}
     for uid, piece in _stream(engine, {uid: pieces for uid, (_, pieces) in streams.items()}):
         yield order[uid], piece

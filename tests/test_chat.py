@@ -58,7 +58,7 @@ def test_cancel_from_another_thread_keeps_the_session(session_parts):
     rest = list(replies)
     assert chat.last.generation_tokens < 200 and len(rest) < 199
     assert chat.messages[-1]["role"] == "assistant"
-    chat.sampling["max_tokens"] = 4
+    chat.set(max_tokens=4)
     reply = text(chat.send("Thanks."))
     assert len(chat.messages) == 4
     # The turn after a cancelled reply is what the same conversation gives from scratch (a new session's
@@ -101,14 +101,14 @@ def test_sampled_retry_draws_anew_and_a_seed_makes_the_session_reproducible(sess
     chat.set(temp=0.0)
     assert chat.greedy and text(chat.retry()) == text(chat.retry())  # greedy: the same reply again
     chat.set(top_k=5, min_p=0.1, repetition_penalty=1.2, max_tokens=3)
-    assert chat.settings["top_k"] == 5 and chat.sampler.repetition_penalty == 1.2
+    assert chat.settings.top_k == 5 and chat.sampler.repetition_penalty == 1.2
     text(chat.retry())
     assert chat.last.generation_tokens <= 3
     with pytest.raises(ValueError, match="top-p"):
         chat.set(top_p=2.0)
     with pytest.raises(ValueError, match="unknown setting"):
         chat.set(tempo=1.0)
-    assert chat.settings["top_p"] == 1.0  # a refused change changes nothing
+    assert chat.settings.top_p == 1.0  # a refused change changes nothing
 
 
 def test_undo_counts_its_tokens_and_forgets_the_statistics(session_parts):

@@ -104,3 +104,28 @@ def test_a_conversation_with_calls_and_results_becomes_plain_turns():
 def test_bad_tools_are_refused_naming_what(tools, choice, why):
     with pytest.raises(ToolError, match=why):
         ToolUse.from_request(tools, choice)
+
+
+def test_chat_session_calls_a_tool_and_continues_from_its_cache(default_model_dir, tmp_path):
+    """ChatSession with tools: a required call validates; its result goes back with send_tool_results,
+    and the next reply processes only the result's turn (the call stays in the cache as generated)."""
+    import jsonschema
+
+    from gemma3_mlx import ChatSession, load
+    from test_server import make_tiny
+    from test_structured import jsonish
+
+    model, tok = load(jsonish(make_tiny(default_model_dir / "tokenizer.model", tmp_path / "tiny-json")))
+    chat = ChatSession(model, tok, system="You help with weather.", tools=[WEATHER], tool_choice="required",
+                       parallel_tool_calls=False, max_tokens=40)
+    list(chat.send("Oslo?"))
+    calls = chat.calls
+    assert calls and calls[0]["name"] == "get_weather"
+    jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])
+    held = chat.last.prompt_tokens + chat.last.generation_tokens  # the conversation so far, in the cache
+    chat.tools = ToolUse.from_request([WEATHER], "none")  # answer in text now (the prompt stays the same)
+    chat.set(max_tokens=3)
+    list(chat.send_tool_results({calls[0]["id"]: '{"temp_c": -3}'}))
+    assert chat.last.prompt_tokens - chat.last.prefill_tokens == held
+    with pytest.raises(ValueError, match="no call"):
+        chat.send_tool_results({"call_nope": "x"})
