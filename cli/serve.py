@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from ..constrain import ConstraintError
 from . import serve_api as api
-from . import serve_ollama
+from . import serve_ollama_routes
 from . import serve_page
 from .serve_worker import SPECULATIVE, Worker
 
@@ -242,8 +242,8 @@ def make_app(worker: Worker, model_names: tuple[str, ...], *, api_key: str | Non
               Route("/v1/models", list_models), Route("/v1/models/{name:path}", get_model),
               Route("/health", health), Route("/metrics", metrics)]
     routes += serve_page.routes(worker, model_names, api_key)  # the chat page at /
-    routes += serve_ollama.routes(worker, model_names, read_json=read_json, authorize=authorize,
-                                  open_request=lambda request: _Request(worker, request), stream=_EventStream)
+    routes += serve_ollama_routes.routes(worker, model_names, read_json=read_json, authorize=authorize,
+                                         open_request=lambda request: _Request(worker, request), stream=_EventStream)
     middleware = [Middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST"],
                              allow_headers=["authorization", "content-type"])] if cors else []
     return Starlette(routes=routes, middleware=middleware,
