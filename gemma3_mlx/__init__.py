@@ -21,6 +21,7 @@ with sigint_to_main_thread():  # worker threads started here leave Ctrl-C to the
 
 from .chat import ChatSession  # noqa: E402
 from .config import ModelConfig, TextConfig  # noqa: E402
+from .constrain import Constraint, ConstraintError  # noqa: E402
 from .errors import ConfigError, ConversionError, Gemma3Error, ModelFileError  # noqa: E402
 from .engine import STOP_IDS, Engine, Event, Stats  # noqa: E402
 from .generate import (  # noqa: E402
@@ -33,12 +34,14 @@ from .image import ImageError, load_image, preprocess_image  # noqa: E402
 from .prompt import prompt_ids  # noqa: E402
 from .prompt_cache import PromptCache, PromptCacheError  # noqa: E402
 from .sample import Sampler, make_sampler  # noqa: E402
+from .settings import Sampling  # noqa: E402
+from .tools import ToolError, ToolUse  # noqa: E402
 from .tokenizer import StreamingDetokenizer, Tokenizer  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Completion", "Engine", "Event", "STOP_IDS", "Sampler", "Stats", "batch_generate", "stream_batch",
+    "Completion", "Constraint", "ConstraintError", "Sampling", "ToolError", "ToolUse", "Engine", "Event", "STOP_IDS", "Sampler", "Stats", "batch_generate", "stream_batch",
     "ChatSession", "ConfigError", "ConversionError", "Gemma3Error", "GenerationResponse", "Model", "ModelConfig",
     "ImageError", "load_image", "preprocess_image", "ModelFileError", "PromptCache", "PromptCacheError", "StreamingDetokenizer", "TextConfig", "Tokenizer", "cache_dir",
     "ensure_default_model", "generate", "generate_tokens", "load", "load_model", "load_tokenizer",
