@@ -1,10 +1,12 @@
-"""`gemma3 serve`: an OpenAI-compatible HTTP server over one model (Starlette on uvicorn).
+"""`gemma3 serve`: an OpenAI-compatible HTTP server over one model (Starlette on uvicorn), with Ollama's
+API on the same port (serve_ollama_routes.py).
 
 The event loop only parses, checks and streams; one model thread (serve_worker.Worker) does every
 MLX call. Each request waits on an asyncio queue the worker fills from its thread. A disconnect is
 heard directly (a task awaiting the ASGI `http.disconnect`, streaming or not) and cancels the
 request in the engine at its next step. Safe by default: loopback only unless an API key is set
-(Bearer, compared in constant time), no CORS unless asked, bodies capped, a bounded queue (503).
+(Bearer, compared in constant time), no CORS unless asked, bodies capped, a bounded queue (503),
+requests admitted by memory (serve_admission.py), JSON that is not text refused (serve_api.parse_json).
 """
 
 from __future__ import annotations
