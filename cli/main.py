@@ -140,6 +140,8 @@ def generate(
         settings = Sampling(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                             seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()),
                             constraint=chat_loop.constraint_from_options(json_schema, regex, grammar))
+        if settings.constraint is not None:
+            settings.constraint.compiled  # a syntax error is one line before the model loads
         no_parallel_adapter(parallel, adapter)
         group = None
         if parallel:

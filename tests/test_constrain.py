@@ -288,3 +288,37 @@ def test_a_cache_reused_under_another_constraint_gives_what_a_fresh_one_gives(mo
     (got, gfin), (want, wfin) = run(again, [a]), run(fresh, [b])
     assert got[a] == want[b] and gfin[a] == wfin[b] == "stop"
     assert pc.reprocessed == 0  # the prompt came from the snapshot
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+@pytest.mark.parametrize("args, why", [
+    (["--regex", "a(b"], "unclosed group"),
+    (["--json-schema", '{"type": "integer", "minimum": 5, "maximum": 1}'], "minimum"),
+    (["--json-schema", "no-such-schema.json"], "no such file"),
+    (["--grammar", 'start: "x" | ('], "Expected"),
+    (["--regex", "a", "--json-schema", "{}"], "give one of"),
+])
+def test_cli_refuses_a_bad_constraint_in_one_line(default_model_dir, args, why):
+    from typer.testing import CliRunner
+
+    from gemma3_mlx.cli.main import app
+
+    r = CliRunner().invoke(app, ["generate", "--raw", "x", "-m", str(default_model_dir), *args])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:") and why in lines[0], r.output
+
+
+def test_cli_generate_with_a_schema_writes_matching_json(default_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from gemma3_mlx.cli.main import app
+
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 20}},
+              "required": ["capital"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    r = CliRunner().invoke(app, ["generate", "--raw", "France's capital as JSON:", "-m", str(default_model_dir),
+                                 "-n", "24", "--json-schema", str(tmp_path / "s.json"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    jsonschema.validate(json.loads(r.stdout), schema)
