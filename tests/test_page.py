@@ -315,6 +315,26 @@ def test_images_by_picker_drop_and_paste_reach_the_vision_model(browser, real):
         p.close()
 
 
+def test_json_schema_mode_gives_a_reply_that_follows_the_schema(browser, real):
+    import jsonschema
+
+    p = Page(browser, real)
+    try:
+        p.open()
+        p.page.click("#settings-toggle")
+        p.page.fill("#max_tokens", "64")
+        p.page.check("#json-mode")
+        schema = json.loads(p.page.input_value("#schema"))
+        p.send("What is the capital of France?")
+        p.wait_done(1)
+        assert p.bodies[-1]["response_format"]["json_schema"]["schema"] == schema
+        reply = json.loads(p.replies()[0])  # the model's reply, constrained by the server
+        jsonschema.validate(reply, schema)
+        p.check_clean()
+    finally:
+        p.close()
+
+
 def test_hostile_reply_is_shown_as_text_and_nothing_runs(browser, scripted):
     scripted.worker.script = [(HOSTILE, 0)]
     p = Page(browser, scripted)
