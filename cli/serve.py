@@ -178,9 +178,9 @@ def make_app(worker: Worker, model_names: tuple[str, ...], *, api_key: str | Non
             job, opts = api.completion_job(body, served, req.send)
         job.adapter = opts["model"] if opts["model"] in adapters else None  # a model choice: not a sampling setting
         job.speculative = _speculative(body)
-        if job.constraint is not None:  # compiled off the event loop: a 400 naming why, before it is queued
+        if job.settings.constraint is not None:  # compiled off the event loop: a 400 naming why, before queuing
             try:
-                await asyncio.to_thread(job.constraint.check, worker.engine.vocabulary)
+                await asyncio.to_thread(job.settings.constraint.check, worker.engine.vocabulary)
             except ConstraintError as e:
                 param = "tools" if opts.get("tools") else "response_format"
                 raise api.ApiError(400, f"{param}: {e}", param=param, code="invalid_value") from None

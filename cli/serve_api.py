@@ -17,6 +17,7 @@ import time
 
 from ..constrain import Constraint, ConstraintError
 from ..prompt import MARKER
+from ..settings import Sampling
 from ..tools import ToolError, ToolUse, chat_messages
 from .serve_worker import Job
 
@@ -122,7 +123,7 @@ def common(body: dict, model_names: tuple[str, ...]) -> dict:
         raise _bad("stop", "a non-empty string or up to 4 of them")
     max_tokens = _get(body, "max_completion_tokens", (int,), None, lambda v: v >= 1, ">= 1")
     max_tokens = max_tokens or _get(body, "max_tokens", (int,), None, lambda v: v >= 1, ">= 1")
-    sampling = {
+    draw = {  # OpenAI's default temperature is 1, not Sampling's 0
         "temp": float(_get(body, "temperature", NUM, 1.0, lambda v: 0 <= v <= 2, "between 0 and 2")),
         "top_p": float(_get(body, "top_p", NUM, 1.0, lambda v: 0 < v <= 1, "in (0, 1]")),
         "top_k": _get(body, "top_k", (int,), 0, lambda v: v >= 0, ">= 0"),
@@ -130,10 +131,11 @@ def common(body: dict, model_names: tuple[str, ...]) -> dict:
         "repetition_penalty": float(_get(body, "repetition_penalty", NUM, 1.0, lambda v: v > 0, "> 0")),
         "seed": _get(body, "seed", (int,), None),
     }
-    if sampling["seed"] is not None:
-        sampling["seed"] %= 1 << 64  # any integer is a seed (MLX's keys take unsigned 64-bit ones)
+    if draw["seed"] is not None:
+        draw["seed"] %= 1 << 64  # any integer is a seed (MLX's keys take unsigned 64-bit ones)
+    settings = Sampling(**draw, stop=tuple(stops), constraint=constraint)
     return {"model": model, "stream": stream, "include_usage": bool(stream and options.get("include_usage")),
-            "max_tokens": max_tokens, "sampling": sampling, "stops": stops, "constraint": constraint}
+            "max_tokens": max_tokens, "settings": settings}
 
 
 def response_format(fmt: dict):
@@ -218,13 +220,25 @@ def _content(message: dict, i: int, images: list[bytes]) -> str:
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
+def join_turns(messages) -> list[dict]:
+    """Gemma's turns alternate: consecutive messages of a role join (with a blank line), in linear time
+    (a body of 100,000 one-word messages of a role must not take quadratic string copies)."""
+    turns: list[tuple[str, list[str]]] = []
+    for m in messages:
+        if turns and turns[-1][0] == m["role"]:
+            turns[-1][1].append(m["content"])
+        else:
+            turns.append((m["role"], [m["content"]]))
+    return [{"role": role, "content": "\n\n".join(parts)} for role, parts in turns]
+
+
 def chat_job(body: dict, model_names: tuple[str, ...], send, vision: bool) -> tuple[Job, dict]:
     opts = common(body, model_names)
     messages = _get(body, "messages", (list,), None)
     if not messages:
         raise ApiError(400, "messages: a non-empty array is required", param="messages", code="invalid_value")
     tools = tool_use(body)
-    if tools is not None and opts["constraint"] is not None:
+    if tools is not None and opts["settings"].constraint is not None:
         raise _bad("response_format", "cannot be combined with tools (a call is already held to its schema)")
     images, texts = [], []
     for i, m in enumerate(messages):
@@ -236,13 +250,7 @@ def chat_job(body: dict, model_names: tuple[str, ...], send, vision: bool) -> tu
         texts = chat_messages(texts, tools)  # tools into the prompt; calls and results as plain turns
     except ToolError as e:
         raise ApiError(400, str(e), param="messages", code="invalid_value") from None
-    out = []
-    for m in texts:
-        role, text = m["role"], m["content"]
-        if out and out[-1]["role"] == role:  # Gemma's turns alternate: consecutive messages of a role join
-            out[-1]["content"] += "\n\n" + text
-        else:
-            out.append({"role": role, "content": text})
+    out = join_turns(texts)
     if images and not vision:
         raise ApiError(400, "this model cannot see images (a text-only Gemma 3)", param="messages",
                        code="images_not_supported")
@@ -251,10 +259,10 @@ def chat_job(body: dict, model_names: tuple[str, ...], send, vision: bool) -> tu
         logprobs = _get(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= 20, "between 0 and 20")
     elif body.get("top_logprobs") is not None:
         raise _bad("top_logprobs", "needs logprobs: true")
-    job = Job(send, messages=out, images=images, max_tokens=opts["max_tokens"], sampling=opts["sampling"],
-              stops=opts["stops"], logprobs=logprobs, constraint=opts["constraint"])
+    job = Job(send, messages=out, images=images, max_tokens=opts["max_tokens"], settings=opts["settings"],
+              logprobs=logprobs)
     if tools is not None:
-        job.constraint, opts["tools"] = tools.constraint(), tools
+        job.settings, opts["tools"] = job.settings.replace(constraint=tools.constraint()), tools
     return job, opts
 
 
@@ -271,8 +279,7 @@ def completion_job(body: dict, model_names: tuple[str, ...], send) -> tuple[Job,
     if _get(body, "echo", (bool,), False) or _get(body, "suffix", (str,), None):
         raise _bad("echo", "echo and suffix are not supported")
     logprobs = _get(body, "logprobs", (int,), None, lambda v: 0 <= v <= 20, "between 0 and 20")
-    job = Job(send, prompt=prompt, max_tokens=opts["max_tokens"], sampling=opts["sampling"], stops=opts["stops"],
-              logprobs=logprobs, constraint=opts["constraint"])
+    job = Job(send, prompt=prompt, max_tokens=opts["max_tokens"], settings=opts["settings"], logprobs=logprobs)
     return job, opts
 
 

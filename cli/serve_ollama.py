@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 
 from ..constrain import Constraint, ConstraintError
 from ..settings import Sampling
-from .serve_api import IMAGE_PART, ROLES, ApiError
+from .serve_api import IMAGE_PART, ROLES, ApiError, join_turns
 from .serve_worker import Job
 
 VERSION = "0.12.0"  # the Ollama API version this follows (clients check it for features)
@@ -150,10 +150,8 @@ def _common(body: dict) -> tuple[Sampling, int | None, bool]:
 
 
 def _job(send, s: Sampling, max_tokens: int | None, **kw) -> Job:
-    """The worker's Job for these settings: the one place that knows how a Job carries them."""
-    draw = dict(zip(("temp", "top_k", "top_p", "min_p", "repetition_penalty", "repetition_context"), s.draw()))
-    return Job(send, max_tokens=max_tokens, sampling={**draw, "seed": s.seed}, stops=list(s.stop),
-               constraint=s.constraint, **kw)
+    """The worker's Job for these settings."""
+    return Job(send, max_tokens=max_tokens, settings=s, **kw)
 
 
 def chat_job(body: dict, send, vision: bool) -> tuple[Job | None, bool]:
@@ -178,14 +176,11 @@ def chat_job(body: dict, send, vision: bool) -> tuple[Job | None, bool]:
         if these and m["role"] != "user":
             raise refuse(f"messages[{i}]: images go in user messages")
         images += these
-        text = IMAGE_PART * len(these) + (m.get("content") or "")  # Ollama puts a message's images first
-        if out and out[-1]["role"] == m["role"]:  # Gemma's turns alternate: consecutive messages of a role join
-            out[-1]["content"] += "\n\n" + text
-        else:
-            out.append({"role": m["role"], "content": text})
+        # Ollama puts a message's images before its text
+        out.append({"role": m["role"], "content": IMAGE_PART * len(these) + (m.get("content") or "")})
     if images and not vision:
         raise refuse("this model cannot see images (a text-only Gemma 3)")
-    return _job(send, s, max_tokens, messages=out, images=images), stream
+    return _job(send, s, max_tokens, messages=join_turns(out), images=images), stream
 
 
 def generate_job(body: dict, send, vision: bool) -> tuple[Job | None, bool]:

@@ -126,9 +126,9 @@ def routes(worker, model_names: tuple[str, ...], *, read_json, authorize, open_r
         if job is None:
             return JSONResponse(shape.loaded(body.get("keep_alive") in (0, "0", "0s", "0m")))
         job.adapter = adapter_of(shape.model)
-        if job.constraint is not None:  # compiled off the event loop: a 400 naming why, before it is queued
+        if job.settings.constraint is not None:  # compiled off the event loop: a 400 naming why, before it is queued
             try:
-                await asyncio.to_thread(job.constraint.check, worker.engine.vocabulary)
+                await asyncio.to_thread(job.settings.constraint.check, worker.engine.vocabulary)
             except ConstraintError as e:
                 raise refuse(f"format: {e}") from None
         req.start(job)  # a full queue: a 503

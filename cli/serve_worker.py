@@ -29,13 +29,11 @@ import mlx.core as mx
 
 from .. import distributed
 from ..cache_pool import CachePool, common_prefix
-from ..constrain import Constraint
 from ..settings import Sampling
 from ..cache_pool import cache_bytes as _bytes_of
 from ..engine import STOP_IDS, Engine
 from ..errors import Gemma3Error
 from ..prompt import TRANSCRIPT_STOP, prompt_ids, uses_transcript
-from ..sample import make_sampler
 from ..speculate import DraftModel, PromptLookup
 from ..streaming import TextStream
 from ..memory import machine_memory
@@ -60,13 +58,11 @@ class Job:
     messages: list[dict] | None = None
     prompt: str | list[int] | None = None
     images: list[bytes] = field(default_factory=list)
-    max_tokens: int | None = None
-    sampling: dict = field(default_factory=dict)  # make_sampler's arguments
-    stops: list[str] = field(default_factory=list)
+    max_tokens: int | None = None  # None: up to the context
+    settings: Sampling = field(default_factory=Sampling)  # the draw, stop strings, the constraint (settings.py)
     logprobs: int | None = None
     speculative: str | None = None  # "draft", "prompt-lookup" or "off"; None: the server's default
     adapter: str | None = None  # the LoRA adapter the request's `model` names (None: the base)
-    constraint: Constraint | None = None  # what the reply must match (response_format, tools, Ollama's format)
     # the model thread's bookkeeping
     uid: int | None = None
     cache: object = None
@@ -79,16 +75,15 @@ class Job:
     def to_json(self) -> dict:
         """The request, as rank 0 sends it to the other ranks."""
         return {"messages": self.messages, "prompt": self.prompt, "max_tokens": self.max_tokens,
-                "images": [base64.b64encode(b).decode() for b in self.images], "sampling": self.sampling,
-                "stops": self.stops, "logprobs": self.logprobs,
-                "constraint": None if self.constraint is None else [self.constraint.kind, self.constraint.source]}
+                "images": [base64.b64encode(b).decode() for b in self.images], "settings": self.settings.to_json(),
+                "logprobs": self.logprobs}
 
     @classmethod
     def from_json(cls, d: dict) -> "Job":
         """A request replayed on another rank: it answers nobody (rank 0 answers the client)."""
         return cls(_nobody, messages=d["messages"], prompt=d["prompt"], max_tokens=d["max_tokens"],
-                   images=[base64.b64decode(b) for b in d["images"]], sampling=d["sampling"], stops=d["stops"],
-                   logprobs=d["logprobs"], constraint=Constraint(*d["constraint"]) if d.get("constraint") else None)
+                   images=[base64.b64decode(b) for b in d["images"]], settings=Sampling.from_json(d["settings"]),
+                   logprobs=d["logprobs"])
 
 
 def _nobody(item: tuple) -> None:
@@ -293,12 +288,10 @@ class Worker(threading.Thread):
                 if not self.admission.admit(job, tokens, self.pool, (ids, blocks)):
                     return  # it waits for memory (admission.waiting)
             max_tokens = tokens - len(ids)
-            sampler = make_sampler(**job.sampling)
             job.cache = self.pool.take(ids, adapter=job.adapter)  # never another adapter's cache
             job.cache.marks |= self._branch_points(job, ids)  # with any the pool found
             draft = self._proposer(job)
-            job.uid = self.engine.submit(ids, settings=Sampling(constraint=job.constraint), max_tokens=max_tokens,
-                                         sampler=sampler, stop_ids=STOP_IDS,
+            job.uid = self.engine.submit(ids, settings=job.settings, max_tokens=max_tokens, stop_ids=STOP_IDS,
                                          images=blocks, cache=job.cache, logprobs=job.logprobs, draft=draft)
             self.counters["speculative_requests"] += draft is not None
         except Exception as e:  # ValueError, Gemma3Error: the request's fault (a bad image, a prompt too long)
@@ -310,7 +303,8 @@ class Worker(threading.Thread):
             job.send(("error", 400 if ours else 500, " ".join(str(e).split()) if ours else f"{type(e).__name__}: {e}"))
             return
         transcript = self._transcript(job)
-        job.stream = TextStream(self.tokenizer, [*job.stops, TRANSCRIPT_STOP] if transcript else job.stops,
+        stops = job.settings.stop
+        job.stream = TextStream(self.tokenizer, [*stops, TRANSCRIPT_STOP] if transcript else stops,
                                 strip=transcript)
         self.jobs[job.uid] = job
         self.counters["requests"] += 1

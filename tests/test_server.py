@@ -27,6 +27,7 @@ import uvicorn
 
 import gemma3_mlx
 from conftest import FIXTURES
+from gemma3_mlx.prompt import prompt_ids, uses_transcript
 
 KEY = "test-key"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -74,7 +75,7 @@ def make_tiny(tokenizer_model: Path, out: Path) -> Path:
 class Tiny:
     """The tiny model served in a thread of this process (key required, 16 MB cache pool, 1 MB bodies)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, max_body: int = 1 << 20):
         from gemma3_mlx.cli.serve import make_app
         from gemma3_mlx.cli.serve_worker import Worker
 
@@ -82,7 +83,7 @@ class Tiny:
         self.name = path.name
         self.worker = Worker(self.model, self.tokenizer, max_batch=8, cache_bytes=16 << 20, max_queue=16)
         self.worker.start()
-        app = make_app(self.worker, (self.name,), api_key=KEY, max_body=1 << 20)
+        app = make_app(self.worker, (self.name,), api_key=KEY, max_body=max_body)
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     lifespan="off"))
@@ -116,8 +117,8 @@ class Tiny:
 
 
 @pytest.fixture(scope="module")
-def tiny(default_model_dir, tmp_path_factory):
-    server = Tiny(make_tiny(default_model_dir / "tokenizer.model", tmp_path_factory.mktemp("serve") / "tiny-chat"))
+def tiny(tokenizer_270m, tmp_path_factory):
+    server = Tiny(make_tiny(tokenizer_270m, tmp_path_factory.mktemp("serve") / "tiny-chat"))
     yield server
     server.close()
 
@@ -441,11 +442,15 @@ def test_real_270m_batched_greedy_logprobs_stop_and_seed(real):
         t.start()
     for t in threads:
         t.join()
+    # The seeing 270M is a base model: its chats are transcripts (prompt.py), the reply's ends stripped.
+    transcript = uses_transcript(real.model.config)
+    shown = (lambda text: text.strip()) if transcript else (lambda text: text)
     for prompt, chunks in zip(prompts, got):  # each stream is the model's own greedy chain, to 1e-4
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
         entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
         out = _ids_of(real, entries)
-        ids = real.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        ids = prompt_ids(real.tokenizer, real.model.config, [{"role": "user", "content": prompt}],
+                         transcript=transcript)[0]
         assert chunks[-1].usage.prompt_tokens == len(ids)
         logits = real.model(mx.array([ids + out[:-1]]))[0, len(ids) - 1:].astype(mx.float32)
         logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -454,7 +459,7 @@ def test_real_270m_batched_greedy_logprobs_stop_and_seed(real):
             want = mx.topk(logp[pos], 5).tolist()
             assert [t.logprob for t in e.top_logprobs] == pytest.approx(sorted(want, reverse=True), abs=1e-4)
             assert e.logprob == pytest.approx(logp[pos, out[pos]].item(), abs=1e-4)
-        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == real.tokenizer.decode(out)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == shown(real.tokenizer.decode(out))
 
     entries = [e for c in got[0] if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     pieces = [e.token for e in entries]
@@ -462,7 +467,7 @@ def test_real_270m_batched_greedy_logprobs_stop_and_seed(real):
     i = next(i for i in range(3) if pieces[i] and len(pieces[i + 1]) >= 2)
     stop = pieces[i][-1] + pieces[i + 1][:2]  # spans two tokens
     r = real.chat(SEA, max_tokens=4, stop=["zzzz", stop])  # not streamed, alone: the same text up to the stop
-    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == text[: text.index(stop)]
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == shown(text[: text.index(stop)])
     assert r.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens  # the snapshot of the first run
     a, b = (real.chat(SEA, max_tokens=2, temperature=0.9, seed=11).choices[0].message.content for _ in range(2))
     assert a == b
@@ -473,10 +478,9 @@ def test_real_270m_sees_an_image_by_data_url_and_the_example_runs(real, monkeypa
     url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
     content = [{"type": "text", "text": "Describe this picture."}, {"type": "image_url", "image_url": {"url": url}}]
     r = real.chat([{"role": "user", "content": content}], max_tokens=1)
-    from gemma3_mlx.prompt import prompt_ids
-
     ids, blocks = prompt_ids(real.tokenizer, real.model.config,  # the image where its part stood: after the text
-                             [{"role": "user", "content": "Describe this picture.<start_of_image>"}], [path])
+                             [{"role": "user", "content": "Describe this picture.<start_of_image>"}], [path],
+                             transcript=uses_transcript(real.model.config))
     assert r.usage.prompt_tokens == len(ids) and len(blocks) == 1 and r.usage.completion_tokens == 1
     # the README's example (run in this process: no second interpreter to start), the same picture and
     # question again, so its prompt comes from the cache
@@ -516,13 +520,17 @@ def test_cache_pool_lends_a_conversation_back_and_evicts_by_bytes(tiny):
 
 
 def test_a_request_reaches_the_other_ranks_whole():
-    """Split across ranks, rank 0 sends each request as JSON: images (any bytes), seeds past 2**63, stops."""
+    """Split across ranks, rank 0 sends each request as JSON: images (any bytes), seeds past 2**63, stops,
+    the constraint."""
+    from gemma3_mlx import Constraint, Sampling
     from gemma3_mlx.cli.serve_worker import Job
 
+    settings = Sampling(temp=0.7, top_p=0.9, seed=2**64 - 1, stop=("\n\n", "END"),
+                        constraint=Constraint.json_schema({"type": "object", "required": ["é"]}))
     job = Job(print, messages=[{"role": "user", "content": "Look: \x00<image> and é"}], images=[bytes(range(256)), b""],
-              max_tokens=7, sampling={"temp": 0.7, "top_p": 0.9, "seed": 2**64 - 1}, stops=["\n\n", "END"], logprobs=3)
+              max_tokens=7, settings=settings, logprobs=3)
     again = Job.from_json(json.loads(json.dumps(job.to_json())))
-    for f in ("messages", "prompt", "images", "max_tokens", "sampling", "stops", "logprobs"):
+    for f in ("messages", "prompt", "images", "max_tokens", "settings", "logprobs"):
         assert getattr(again, f) == getattr(job, f), f
     assert again.send(("delta", "x", None)) is None  # another rank's copy answers nobody
     ids = Job.from_json(json.loads(json.dumps(Job(print, prompt=[2, 651, 6037]).to_json())))
