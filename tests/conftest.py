@@ -9,23 +9,28 @@ fixtures, however indirectly) is marked `slow` automatically, so `pytest -m "not
 import fcntl
 import os
 import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import gemma3_mlx  # noqa: F401  first, so OpenBLAS is loaded before any test imports mlx.core
+from gemma3_mlx.loader import load
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 # The fixtures that convert or load the real 270M's weights: a test using any of them is `slow`.
 # (gguf_270m and tokenizer_270m only write the packaged file and read its tokenizer: not slow.)
-REAL_270M = {"gemma3_home", "default_model_dir", "default_model", "model_270m_dir", "model_270m", "seeing_270m_dir"}
+REAL_270M = {"gemma3_home", "default_model_dir", "default_model", "default_model_report", "model_270m_dir", "model_270m",
+             "seeing_270m_dir", "seeing_270m"}
 
-# The files that take longest (seconds of one full run on 2 busy cores), handed out first: the two
-# workers take a file at a time, so the long ones start together and the short ones fill in the end
-# (pyproject's --no-loadscope-reorder keeps this order; xdist would otherwise sort files by test count).
-SLOW_FIRST = ["test_long_context.py", "test_speculate.py", "test_convert.py", "test_readme.py", "test_cli.py",
-              "test_distributed.py", "test_chat.py", "test_examples.py", "test_memory.py"]
+# The files that take longest, handed out first: the two workers take a file at a time, so the long ones
+# start together and the short ones fill in the end (pyproject's --no-loadscope-reorder keeps this order;
+# xdist would otherwise sort files by test count). The first two start the two conversions at once: the
+# float32 270M (test_long_context) and the default model (test_cli).
+SLOW_FIRST = ["test_long_context.py", "test_cli.py", "test_speculate.py", "test_convert.py", "test_readme.py",
+              "test_distributed.py", "test_chat.py", "test_examples.py", "test_memory.py", "test_prefix_cache.py"]
 
 
 def pytest_collection_modifyitems(items):
@@ -69,6 +74,91 @@ def link_tree(src: Path, dest: Path) -> Path:
     return dest
 
 
+@dataclass
+class Ran:
+    """What a run of the `gemma3` command gave: as subprocess.run's result, for in-process runs too."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+LOADED = {}  # (directory, its files' sizes and times, load options) -> (model, tokenizer): see gemma3()
+
+
+def _load_once(path, **options):
+    """gemma3_mlx.load, remembering what it loaded: the same unchanged directory with the same options
+    gives the same (model, tokenizer) again. Models are not changed by generating (caches are separate)."""
+    path = Path(path)
+    files = sorted(f for f in path.iterdir() if f.name == "config.json" or f.suffix in (".safetensors", ".model"))
+    key = (str(path.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files),
+           tuple(sorted((k, str(v)) for k, v in options.items())))
+    if key not in LOADED:
+        LOADED[key] = load(path, **options)
+    return LOADED[key]
+
+
+def gemma3(args, home=None, input=None, env=None) -> Ran:
+    """`gemma3 ARGS`, run in this process through the console script's own entry point (`app()`, which
+    turns usage errors into one line and exits): see `in_process`."""
+    from gemma3_mlx.cli import main
+
+    return in_process(lambda: main.app(sys.argv[1:]), ["gemma3", *args], home, input, env, [(main, "load")])
+
+
+def python_script(path, args=(), home=None, input=None, env=None) -> Ran:
+    """`python PATH ARGS` run in this process (an example's `__main__`): see `in_process`."""
+    import runpy
+
+    return in_process(lambda: runpy.run_path(str(path), run_name="__main__"), [str(path), *args], home, input, env,
+                      [(gemma3_mlx, "load")])
+
+
+def in_process(call, argv, home=None, input=None, env=None, loads=()) -> Ran:
+    """Run `call()` as a program: its own stdin, stdout, stderr, sys.argv and environment variables
+    (GEMMA3_MLX_HOME=home), warnings shown as a fresh process shows them, its signal handlers undone after.
+    What a subprocess prints, without starting Python and MLX again, and without loading again a model
+    this process has loaded (`loads`: (module, "load") attributes replaced by `_load_once`: the same
+    unchanged directory with the same options; loading itself is tested by the loader's tests and by the
+    real-executable tests). Tests where the process boundary matters (Ctrl-C, signals, stdin, streaming
+    into a pipe, exit statuses) start the real executable. An exception escaping is written to stderr as
+    its traceback, with status 1; `sys.exit("text")` writes the text, with status 1, as Python does."""
+    import signal
+    import traceback
+    import warnings
+
+    from click.testing import CliRunner
+
+    env = {**(env or {}), **({"GEMMA3_MLX_HOME": str(home)} if home is not None else {})}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    saved = [(sys, "argv", sys.argv), (warnings, "showwarning", warnings.showwarning)]
+    saved += [(module, name, getattr(module, name)) for module, name in loads]
+    with CliRunner().isolation(input=input, env=env) as (out, err, _), warnings.catch_warnings():
+        warnings.resetwarnings()
+        warnings.simplefilter("default")  # as a fresh process shows them: once per place
+        sys.argv = [str(a) for a in argv]
+        for module, name in loads:
+            setattr(module, name, _load_once)
+        try:
+            call()
+            code = 0
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:  # noqa: BLE001  what escapes the program is what a process would print
+            traceback.print_exc()
+            code = 1
+        finally:
+            for module, name, value in saved:
+                setattr(module, name, value)
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        return Ran(code, out.getvalue().decode(errors="replace"), err.getvalue().decode(errors="replace"))
+
+
 @pytest.fixture(scope="session")
 def gguf_270m(tmp_path_factory) -> Path:
     """The default model's GGUF file, assembled from the installed package's chunks."""
@@ -92,21 +182,39 @@ def tokenizer_270m(gguf_270m, tmp_path_factory) -> Path:
 
 
 def _default_model(tmp_path_factory) -> Path:
-    """The default model converted on first use, as a user's would be, once per run."""
+    """The default model converted on first use, as a user's would be, once per run; beside the cache
+    (home/report.json), what its conversion reported (`default_model_report`)."""
+    import json
+
+    from gemma3_mlx import convert as converter
     from gemma3_mlx.models import DEFAULT_MODEL, ensure_default_model
 
     def build(home):
-        old = os.environ.get("GEMMA3_MLX_HOME")
+        old, convert, reports = os.environ.get("GEMMA3_MLX_HOME"), converter.convert, []
         os.environ["GEMMA3_MLX_HOME"] = str(home)
+        converter.convert = lambda *a, **kw: reports.append(convert(*a, **kw)) or reports[-1]
         try:
             ensure_default_model()
         finally:
+            converter.convert = convert
             if old is None:
                 del os.environ["GEMMA3_MLX_HOME"]
             else:
                 os.environ["GEMMA3_MLX_HOME"] = old
+        (r,) = reports
+        (home / "report.json").write_text(json.dumps({"formats": dict(r.formats), "n_bytes": r.n_bytes,
+                                                      "n_params": r.n_params}))
 
     return built_once(tmp_path_factory, "default-home", build) / "models" / DEFAULT_MODEL
+
+
+@pytest.fixture(scope="session")
+def default_model_report(default_model_dir, tmp_path_factory) -> dict:
+    """What the default model's conversion (its first use, `ensure_default_model`) reported: formats (kind
+    of tensor -> count), n_bytes, n_params."""
+    import json
+
+    return json.loads((_default_model(tmp_path_factory).parent.parent / "report.json").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -127,8 +235,9 @@ def default_model_dir(gemma3_home) -> Path:
 
 @pytest.fixture(scope="session")
 def default_model(default_model_dir):
-    """(model, tokenizer) of the default model, loaded once per worker. Tests share it: none may change it."""
-    return gemma3_mlx.load(default_model_dir)
+    """(model, tokenizer) of the default model, loaded once per worker (also what the in-process `gemma3`
+    runs get when they load it). Tests share it: none may change it."""
+    return _load_once(default_model_dir)
 
 
 @pytest.fixture(scope="session")
@@ -197,3 +306,9 @@ def give_eyes(text_dir: Path, out: Path) -> Path:
 def seeing_270m_dir(default_model_dir, tmp_path_factory) -> Path:
     """The default model with eyes (see `give_eyes`)."""
     return give_eyes(default_model_dir, tmp_path_factory.mktemp("seeing") / "gemma-3-270m-seeing")
+
+
+@pytest.fixture(scope="session")
+def seeing_270m(seeing_270m_dir):
+    """(model, tokenizer) of `seeing_270m_dir`, loaded once per worker (also for in-process `gemma3` runs)."""
+    return _load_once(seeing_270m_dir)

@@ -48,10 +48,10 @@ class Jobs:
 
 
 @pytest.fixture(scope="module")
-def tiny(default_model_dir, tmp_path_factory):
+def tiny(tokenizer_270m, tmp_path_factory):
     from gemma3_mlx.cli.serve_worker import Worker
 
-    path = make_tiny(default_model_dir / "tokenizer.model", tmp_path_factory.mktemp("admission") / "tiny-chat")
+    path = make_tiny(tokenizer_270m, tmp_path_factory.mktemp("admission") / "tiny-chat")
     model, tokenizer = gemma3_mlx.load(path)
     worker = Worker(model, tokenizer, max_batch=4, cache_bytes=64 << 20, max_queue=8)
     worker.start()
@@ -151,14 +151,14 @@ def _peak_rss(pid: int) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's peak RSS from /proc")
-def test_sixteen_long_requests_under_a_small_memory_complete_or_get_503(default_model_dir, tmp_path):
+def test_sixteen_long_requests_under_a_small_memory_complete_or_get_503(tokenizer_270m, tmp_path):
     from mlx.utils import tree_flatten
 
     from gemma3_mlx.cli.serve_admission import Admission, activations, buffer_cache
     from gemma3_mlx.loader import default_dtype
     from gemma3_mlx.memory import RUNTIME_BYTES
 
-    path = make_heavy(default_model_dir / "tokenizer.model", tmp_path / "heavy")
+    path = make_heavy(tokenizer_270m, tmp_path / "heavy")
     model, tokenizer = gemma3_mlx.load(path)
     prompts = [f"{i}: " + "lorem ipsum dolor " * (300 + 5 * i) for i in range(16)]
     longest = max(len(tokenizer.apply_chat_template([{"role": "user", "content": p}])) for p in prompts) + 4

@@ -14,8 +14,8 @@ from gemma3_mlx.chat import ChatSession
 
 
 @pytest.fixture(scope="module")
-def session_parts(default_model_dir):
-    return gemma3_mlx.load(default_model_dir)
+def session_parts(default_model):
+    return default_model
 
 
 def text(replies):
@@ -354,11 +354,11 @@ def test_terminal_ctrl_c_while_the_prompt_is_processed_takes_the_turn_back(gemma
     assert "Traceback" not in t.raw
 
 
-def test_images_stay_in_their_turn_and_are_reused(seeing_270m_dir):
+def test_images_stay_in_their_turn_and_are_reused(seeing_270m):
     """An image sent with turn 1 stays in turn 1 when turn 2 is rendered, so turn 2 runs only its own tokens."""
     from gemma3_mlx.model import image_spans_of as _image_spans
 
-    model, tok = gemma3_mlx.load(seeing_270m_dir)
+    model, tok = seeing_270m
     chat = ChatSession(model, tok, max_tokens=4)
     text(chat.send("What is this?", images=[FIXTURES / "images" / "rgb.png"]))
     n1, fed = chat.last.prompt_tokens, len(chat.messages[-1]["ids"])
@@ -376,10 +376,11 @@ def test_images_stay_in_their_turn_and_are_reused(seeing_270m_dir):
 
 
 def test_piped_chat_image_command(seeing_270m_dir, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "gemma3_mlx.cli.main", "chat", "-m", str(seeing_270m_dir), "-n", "4"],
-                       input=f"/image {tmp_path / 'missing.png'}\n/image {FIXTURES / 'images' / 'rgb.png'}\n"
-                             "What is this?\nThanks.\n/stats\n",
-                       capture_output=True, text=True, timeout=300)
+    from conftest import gemma3
+
+    r = gemma3(["chat", "-m", seeing_270m_dir, "-n", "4"],
+               input=f"/image {tmp_path / 'missing.png'}\n/image {FIXTURES / 'images' / 'rgb.png'}\n"
+                     "What is this?\nThanks.\n/stats\n")
     assert r.returncode == 0, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "missing.png" in errors[0] and "Traceback" not in r.stderr  # the chat went on

@@ -1,4 +1,6 @@
-"""The `gemma3` command end to end (subprocesses): streaming output, and bad input handled cleanly."""
+"""The `gemma3` command end to end: streaming output, and bad input handled cleanly. Most runs are in this
+process (conftest.gemma3: the console script's entry point with its own streams); the real executable runs
+where the process boundary is what is tested: streaming into a pipe, stdin, exit statuses."""
 
 import os
 import shutil
@@ -10,12 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, gemma3
 
 GEMMA3 = [sys.executable, "-m", "gemma3_mlx.cli.main"]
 
 
-def run(args, home=None, timeout=300, **kw):
+def run(args, home=None, input=None):
+    return gemma3(args, home=home, input=input)
+
+
+def run_process(args, home=None, timeout=300, **kw):
     env = {**os.environ, "GEMMA3_MLX_HOME": str(home)} if home else None
     return subprocess.run(GEMMA3 + args, capture_output=True, text=True, timeout=timeout, env=env, **kw)
 
@@ -31,7 +37,7 @@ def no_leftovers(parent, name):
     return [p.name for p in parent.iterdir() if name in p.name] == []
 
 
-def test_generate_streams_what_the_api_generates(gemma3_home, default_model_dir):
+def test_generate_streams_what_the_api_generates(gemma3_home, default_model):
     import json
 
     import gemma3_mlx
@@ -46,7 +52,7 @@ def test_generate_streams_what_the_api_generates(gemma3_home, default_model_dir)
     out = (first + rest).decode()
     assert proc.returncode == 0, err
     assert running_at_first_byte
-    model, tok = gemma3_mlx.load(default_model_dir)
+    model, tok = default_model
     assert out == gemma3_mlx.generate(model, tok, meta["greedy_prompt"], max_tokens=24) + "\n"
     # The default model (GGUF blocks at their own bits) starts like the float reference.
     assert out.startswith(" the capital of the country of France.") and meta["greedy_text"].startswith(out[:38])
@@ -64,6 +70,13 @@ def test_bad_flag_values_are_one_error_line(args, tmp_path):
     r = run(args, home=tmp_path)
     assert_clean_failure(r, code=2)  # one line, no box
     assert r.stdout == "" and f" {args[0]} --help)" in r.stderr  # where to look
+
+
+def test_the_real_executable_exits_2_on_usage_and_1_on_a_user_error(tmp_path):
+    r = run_process(["generate", "hello", "--temp", "-1"], home=tmp_path)
+    assert_clean_failure(r, code=2)
+    assert r.stderr.startswith("error: invalid value for '--temp'") and r.stdout == ""
+    assert_clean_failure(run_process(["generate", "hi", "-m", str(tmp_path / "nope")], home=tmp_path))
 
 
 def test_generate_unknown_model(tmp_path):
@@ -191,6 +204,10 @@ def test_models_info_and_bench(gemma3_home):
     assert r.returncode == 0, r.stderr
     for label in ("prefill tok/s", "decode tok/s", "first token s", "peak memory GB", "KV cache MB"):
         assert label in r.stdout
+    figures = {line[:16].strip(): [float(x) for x in line[16:].split(" / ")] for line in r.stdout.splitlines()
+               if line[:16].strip() in ("prefill tok/s", "decode tok/s", "first token s")}  # best / median
+    assert figures["prefill tok/s"][0] >= figures["prefill tok/s"][1] and figures["decode tok/s"][0] >= figures["decode tok/s"][1]
+    assert figures["first token s"][0] <= figures["first token s"][1]
     kv = float(r.stdout.split("KV cache MB")[1].split()[0])
     deep = run(["bench", "--prompt-tokens", "40", "--gen-tokens", "3", "--repeats", "1", "--context", "600"],
                home=gemma3_home)
@@ -220,7 +237,7 @@ def test_every_command_has_help_with_an_example(command):
 
 
 def test_generate_reads_stdin_and_prints_stats(gemma3_home):
-    r = run(["generate", "-", "--raw", "-n", "4", "--stats"], home=gemma3_home, input="The capital of France is")
+    r = run_process(["generate", "-", "--raw", "-n", "4", "--stats"], home=gemma3_home, input="The capital of France is")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(" the capital") and "tok/s" in r.stderr and "KV cache" in r.stderr
 
@@ -241,12 +258,12 @@ def test_prompt_longer_than_the_context_is_one_line(tiny_dirs, tmp_path):
         PromptCache(model).prefill(list(range(2, 40)))
 
 
-def test_generate_system_prompt_is_the_chat_format(gemma3_home, default_model_dir):
+def test_generate_system_prompt_is_the_chat_format(gemma3_home, default_model):
     import gemma3_mlx
 
     r = run(["generate", "--system", "Answer in French.", "What is the sea?", "-n", "8"], home=gemma3_home)
     assert r.returncode == 0, r.stderr
-    model, tok = gemma3_mlx.load(default_model_dir)
+    model, tok = default_model
     messages = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "What is the sea?"}]
     assert r.stdout == gemma3_mlx.generate(model, tok, messages, max_tokens=8) + "\n"
     assert r.stdout != gemma3_mlx.generate(model, tok, messages[1:], max_tokens=8) + "\n"  # the system text counts

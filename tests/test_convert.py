@@ -14,7 +14,7 @@ import pytest
 
 from conftest import FIXTURES
 import gemma3_mlx
-from gemma3_mlx.convert import convert
+from gemma3_mlx.convert import check, convert
 from gemma3_mlx.errors import ConversionError
 from gemma3_mlx.generate import generate_tokens
 
@@ -55,32 +55,45 @@ def test_default_model_keeps_gguf_block_bits(default_model_dir):
     assert q["model.layers.0.mlp.down_proj"] == {"bits": 8, "group_size": 32}  # Q6_K: requantized
 
 
+@pytest.fixture(scope="module")
+def default_f32(default_model, default_model_dir):
+    """The default model computing in float32 (the loaded default on the CPU backend)."""
+    from gemma3_mlx.loader import default_dtype
+
+    return default_model[0] if default_dtype() == mx.float32 else gemma3_mlx.load_model(default_model_dir, "float32")
+
+
 @pytest.mark.parametrize("i", range(len(META["prompts"])))
-def test_default_model_matches_transformers(default_model_dir, i):
-    model, _ = gemma3_mlx.load(default_model_dir, dtype="float32")
+def test_default_model_matches_transformers(default_f32, i):
+    model = default_f32
     logits = np.array(model(mx.array(REF[f"p{i}.ids"])[None])[0])
     assert (logits.argmax(-1) == REF[f"p{i}.top_ids"][:, 0]).all()
     kl = kl_vs_reference(logits, i)
     assert kl.mean() <= 1e-3 and kl.max() <= 5e-3
 
 
-def test_quantized_kernels_agree_with_dequantized_load(default_model_dir):
+def test_quantized_kernels_agree_with_dequantized_load(default_model_dir, default_f32):
     ids = mx.array(REF["p0.ids"])[None]
-    expanded = np.array(gemma3_mlx.load_model(default_model_dir, "float32", dequantize=True)(ids))
+    if mx.default_device() != mx.cpu:  # there, the default load keeps the weights quantized
+        default_f32 = gemma3_mlx.load_model(default_model_dir, "float32", dequantize=True)
+    expanded = np.array(default_f32(ids))
     kernels = np.array(gemma3_mlx.load_model(default_model_dir, "float32", dequantize=False)(ids))
     assert np.abs(expanded - kernels).max() < 1e-2
     assert (expanded.argmax(-1) == kernels.argmax(-1)).all()
 
 
-def test_gguf_report_says_what_each_block_type_became(gguf_270m, tmp_path):
-    r = convert(gguf_270m, tmp_path / "out", check=True)
-    assert r.formats["Q8_0 (exact) -> 8-bit g32"] == 10
-    assert r.formats["Q4_K (exact) -> 4-bit g32"] == 27
-    assert r.formats["Q5_0 (exact) -> 5-bit g32"] == 81
-    assert r.formats["Q6_K -> 8-bit g32 requantized"] == 9
-    assert r.formats["F32 -> float32"] == 109
-    assert r.n_bytes < 300e6 and 8.0 < r.bits_per_weight < 8.2
-    assert r.quality["kl"] < 2e-4 and r.quality["top1"] >= 0.99  # against the GGUF dequantized
+def test_gguf_report_says_what_each_block_type_became(default_model_report, default_model_dir, gguf_270m):
+    """The default model's own conversion (its first use, as users get it): what each block type became,
+    and its quality against the GGUF dequantized (`gemma3 check`, the check `convert --check` runs)."""
+    r = default_model_report
+    assert r["formats"]["Q8_0 (exact) -> 8-bit g32"] == 10
+    assert r["formats"]["Q4_K (exact) -> 4-bit g32"] == 27
+    assert r["formats"]["Q5_0 (exact) -> 5-bit g32"] == 81
+    assert r["formats"]["Q6_K -> 8-bit g32 requantized"] == 9
+    assert r["formats"]["F32 -> float32"] == 109
+    assert r["n_bytes"] < 300e6 and 8.0 < 8 * r["n_bytes"] / r["n_params"] < 8.2
+    quality = check(default_model_dir, gguf_270m)
+    assert quality["kl"] < 2e-4 and quality["top1"] >= 0.99
 
 
 # ---------------------------------------------------------------- float sources

@@ -340,11 +340,11 @@ def _conversation(port: int, name: str) -> list:
     return out
 
 
-def test_serve_on_two_ranks_answers_what_one_process_answers(default_model_dir, tmp_path):
+def test_serve_on_two_ranks_answers_what_one_process_answers(tokenizer_270m, tmp_path):
     from conftest import give_eyes
     from test_server import make_tiny
 
-    text = make_tiny(default_model_dir / "tokenizer.model", tmp_path / "tiny-chat")  # window 32
+    text = make_tiny(tokenizer_270m, tmp_path / "tiny-chat")  # window 32
     model_dir = give_eyes(text, tmp_path / "tiny-eyes")  # with the tiny SigLIP tower: images travel too
     answers = {}
     for mode in ("one", "tensor", "pipeline"):

@@ -1,21 +1,20 @@
-"""Every example runs, on the default model, and prints what the reference predicts."""
+"""Every example runs, on the default model, and prints what the reference predicts. In this process
+(conftest.python_script: the script's __main__ with its own argv and streams), except kv_memory.py, run
+as a real `python examples/kv_memory.py` process."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import FIXTURES
+from conftest import FIXTURES, python_script
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 def test_generate_example(gemma3_home):
     meta = json.loads((FIXTURES / "ref_270m.json").read_text())
-    env = {**os.environ, "GEMMA3_MLX_HOME": str(gemma3_home)}
-    r = subprocess.run([sys.executable, str(EXAMPLES / "generate.py"), meta["greedy_prompt"]],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = python_script(EXAMPLES / "generate.py", [meta["greedy_prompt"]], home=gemma3_home)
     assert r.returncode == 0, r.stderr
     text, stats = r.stdout.rsplit("\n[", 1)
     assert text.startswith(" the capital of the country of France.") and len(text) > 80
@@ -32,8 +31,7 @@ def test_kv_memory_example_prints_the_readme_table():
 
 
 def test_chat_example_reuses_the_first_turn(gemma3_home):
-    env = {**os.environ, "GEMMA3_MLX_HOME": str(gemma3_home)}
-    r = subprocess.run([sys.executable, str(EXAMPLES / "chat.py")], capture_output=True, text=True, env=env, timeout=300)
+    r = python_script(EXAMPLES / "chat.py", home=gemma3_home)
     assert r.returncode == 0, r.stderr
     stats = [line for line in r.stdout.splitlines() if line.startswith("[")]
     assert len(stats) == 2
@@ -42,8 +40,7 @@ def test_chat_example_reuses_the_first_turn(gemma3_home):
 
 
 def test_convert_example(tmp_path):
-    r = subprocess.run([sys.executable, str(EXAMPLES / "convert_and_check.py"), str(FIXTURES / "tiny_v5"),
-                        str(tmp_path / "q4"), "32"], capture_output=True, text=True, timeout=300)
+    r = python_script(EXAMPLES / "convert_and_check.py", [FIXTURES / "tiny_v5", tmp_path / "q4", "32"])
     assert r.returncode == 0, r.stderr
     assert "bits per weight" in r.stdout and "KL" in r.stdout and (tmp_path / "q4" / "config.json").exists()
 
@@ -56,13 +53,11 @@ def test_describe_image_example(seeing_270m_dir, tmp_path):
     assert crops > 0
     tokens = {}
     for extra in ([], ["--pan-and-scan"]):
-        r = subprocess.run([sys.executable, str(EXAMPLES / "describe_image.py"), str(seeing_270m_dir), str(wide), *extra],
-                           capture_output=True, text=True, timeout=300)
+        r = python_script(EXAMPLES / "describe_image.py", [seeing_270m_dir, wide, *extra])
         assert r.returncode == 0, r.stderr
         text, stats = r.stdout.rsplit("\n[", 1)
         assert text.strip() and "generated" in stats
         tokens[bool(extra)] = int(stats.split()[0])
     assert tokens[True] - tokens[False] > 16 * crops  # each crop adds a 16-token image block and its wording
-    r = subprocess.run([sys.executable, str(EXAMPLES / "describe_image.py"), str(seeing_270m_dir), str(tmp_path / "no.jpg")],
-                       capture_output=True, text=True, timeout=300)
+    r = python_script(EXAMPLES / "describe_image.py", [seeing_270m_dir, tmp_path / "no.jpg"])
     assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1

@@ -66,13 +66,21 @@ def test_cache_memory_after_700_tokens_is_near_the_minimum(model_270m):
     assert minimum == kv_bytes(model.config, 700, bytes_per_value=4)
 
 
-@pytest.mark.parametrize("bits,max_kl", [(8, 0.01), (4, 0.25)])
-def test_quantized_global_kv_on_1000_tokens(model_270m, bits, max_kl):
+LAST = np.arange(768, 1000)  # positions whose attention reads >= 768 quantized global keys
+
+
+@pytest.fixture(scope="module")
+def float_kv_logits(model_270m):
+    """Logits at LAST of the first 1,000 tokens with the float KV cache: the quantized caches' reference."""
     model, _ = model_270m
-    ids = LONG["ids"][:1000].tolist()
-    last = np.arange(768, 1000)  # positions whose attention reads >= 768 quantized global keys
-    ref = chunked_logits(model, ids, 256, model.make_cache(), last)
-    out = chunked_logits(model, ids, 256, model.make_cache(kv_bits=bits), last)
+    return chunked_logits(model, LONG["ids"][:1000].tolist(), 256, model.make_cache(), LAST)
+
+
+@pytest.mark.parametrize("bits,max_kl", [(8, 0.01), (4, 0.25)])
+def test_quantized_global_kv_on_1000_tokens(model_270m, float_kv_logits, bits, max_kl):
+    model, _ = model_270m
+    ref = float_kv_logits
+    out = chunked_logits(model, LONG["ids"][:1000].tolist(), 256, model.make_cache(kv_bits=bits), LAST)
     lp = ref - np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1, keepdims=True)) - ref.max(-1, keepdims=True)
     lq = out - np.log(np.exp(out - out.max(-1, keepdims=True)).sum(-1, keepdims=True)) - out.max(-1, keepdims=True)
     kl = (np.exp(lp) * (lp - lq)).sum(-1)

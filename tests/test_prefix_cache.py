@@ -22,9 +22,9 @@ SYSTEM = ("You are the assistant of a small public library. Answer briefly and k
 
 
 @pytest.fixture(scope="module")
-def tiny(default_model_dir, tmp_path_factory):
+def tiny(tokenizer_270m, tmp_path_factory):
     """A tiny random model with the real 270M tokenizer and a 32-token window."""
-    return gemma3_mlx.load(make_tiny(default_model_dir / "tokenizer.model", tmp_path_factory.mktemp("pc") / "tiny"))
+    return gemma3_mlx.load(make_tiny(tokenizer_270m, tmp_path_factory.mktemp("pc") / "tiny"))
 
 
 class Served:

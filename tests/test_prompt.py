@@ -1,15 +1,11 @@
 """Prompts with images: soft-token blocks, pan & scan wording, markers, and CLI refusals."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import gemma3_mlx  # noqa: F401
 
-from conftest import FIXTURES
+from conftest import FIXTURES, gemma3
 from gemma3_mlx.config import ModelConfig
 from gemma3_mlx.prompt import build_prompt
 from gemma3_mlx.tokenizer import Tokenizer
@@ -21,8 +17,8 @@ CFG = ModelConfig.from_dict({"model_type": "gemma3", "mm_tokens_per_image": 16,
 
 
 @pytest.fixture(scope="module")
-def tok(model_270m_dir):
-    return Tokenizer(model_270m_dir / "tokenizer.model", boi_token_index=255999, eoi_token_index=256000,
+def tok(tokenizer_270m):
+    return Tokenizer(tokenizer_270m, boi_token_index=255999, eoi_token_index=256000,
                      image_token_index=262144)
 
 
@@ -77,7 +73,8 @@ def test_raw_prompt_with_image(tok):
 
 
 @pytest.mark.parametrize("bad", ["missing.png", "not_an_image", "one_pixel.png", "truncated.png"])
-def test_cli_bad_image_is_one_clean_line(bad, tmp_path, gemma3_home):
+def test_cli_bad_image_is_one_clean_line(bad, tmp_path):
+    """Refused before any model is needed: an empty GEMMA3_MLX_HOME, where the default model is not converted yet."""
     path = tmp_path / bad
     if bad == "not_an_image":
         path.write_text("hello")
@@ -86,8 +83,6 @@ def test_cli_bad_image_is_one_clean_line(bad, tmp_path, gemma3_home):
     elif bad == "truncated.png":
         data = (IMAGES / "rgb.png").read_bytes()
         path.write_bytes(data[: len(data) // 2])
-    env = {**os.environ, "GEMMA3_MLX_HOME": str(gemma3_home)}
-    r = subprocess.run([sys.executable, "-m", "gemma3_mlx.cli.main", "generate", "hi", "--image", str(path)],
-                       capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 1 and "Traceback" not in r.stderr
+    r = gemma3(["generate", "hi", "--image", path], home=tmp_path / "home")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and not (tmp_path / "home" / "models").exists()
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")

@@ -357,8 +357,8 @@ def test_info_of_a_hub_id_reads_only_its_config(monkeypatch, home, capsys):
 # ------------------------------------------------------------------ 6. threads, control tokens
 
 @pytest.fixture(scope="module")
-def parts_270m(default_model_dir):
-    return gemma3_mlx.load(default_model_dir)
+def parts_270m(default_model):
+    return default_model
 
 
 def replies(chat, messages):

@@ -68,8 +68,8 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(default_model_dir, tmp_path_factory):
-    return make_tiny(default_model_dir / "tokenizer.model", tmp_path_factory.mktemp("spec") / "tiny-spec")
+def tiny_dir(tokenizer_270m, tmp_path_factory):
+    return make_tiny(tokenizer_270m, tmp_path_factory.mktemp("spec") / "tiny-spec")
 
 
 def test_serve_with_a_draft_model_and_prompt_lookup_equals_plain_past_the_window(tiny_dir):

@@ -139,12 +139,12 @@ def test_accepted_tokens_follow_the_target_distribution(proposer):
 
 
 @pytest.mark.slow
-def test_270m_speculation_equals_plain_greedy(model_270m, default_model_dir):
+def test_270m_speculation_equals_plain_greedy(model_270m, default_model):
     """A 700-token prompt (past the 512-token window) and 80 greedy tokens on the real 270M (float32):
     prompt lookup, and the 4-bit 270M (the default model's Q4_K_M weights) drafting for the float one:
     identical text."""
     model, tok = model_270m
-    draft_model, _ = gemma3_mlx.load(default_model_dir)
+    draft_model, _ = default_model
 
     prompt = tok.encode("Repeat the following text exactly.\n\n" + (TEXT + "\n\n") * 3)[:700]
     assert len(prompt) == 700
@@ -157,22 +157,17 @@ def test_270m_speculation_equals_plain_greedy(model_270m, default_model_dir):
 
 @pytest.mark.slow
 def test_cli_prompt_lookup_same_text_and_acceptance_in_stats(default_model_dir, gemma3_home):
-    import os
-    import subprocess
-    import sys
+    from conftest import gemma3
 
     prompt = "Alice said: the quick brown fox jumps over the lazy dog. Bob repeated: the quick brown fox"
-    env = dict(os.environ, GEMMA3_MLX_HOME=str(gemma3_home), NO_COLOR="1")
-    runs = [subprocess.run([sys.executable, "-m", "gemma3_mlx.cli.main", "generate", "-m", str(default_model_dir),
-                            "--raw", prompt, "-n", "24", "--stats", *extra], capture_output=True, text=True, env=env,
-                           timeout=300) for extra in ([], ["--prompt-lookup"])]
+    runs = [gemma3(["generate", "-m", default_model_dir, "--raw", prompt, "-n", "24", "--stats", *extra],
+                   home=gemma3_home) for extra in ([], ["--prompt-lookup"])]
     assert all(r.returncode == 0 for r in runs), runs[1].stderr
     assert runs[0].stdout == runs[1].stdout and "jumps over the lazy dog" in runs[1].stdout
     assert "accepted" not in runs[0].stderr and "% accepted" in runs[1].stderr and "tokens per target step" in runs[1].stderr
     # bench repeats its built-in text to fill the prompt: prompt lookup finds it.
-    r = subprocess.run([sys.executable, "-m", "gemma3_mlx.cli.main", "bench", "-m", str(default_model_dir),
-                        "--prompt-tokens", "600", "--gen-tokens", "12", "--repeats", "1", "--prompt-lookup"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = gemma3(["bench", "-m", default_model_dir, "--prompt-tokens", "600", "--gen-tokens", "12", "--repeats", "1",
+                "--prompt-lookup"], home=gemma3_home)
     assert r.returncode == 0, r.stderr
     accepted = next(line for line in r.stdout.splitlines() if line.startswith("drafts accepted"))
     assert int(accepted.split()[2].rstrip("%")) > 50 and "tokens per step" in r.stdout
