@@ -27,7 +27,7 @@ import uvicorn
 
 import gemma3_mlx
 from conftest import FIXTURES
-from gemma3_mlx.prompt import prompt_ids, uses_transcript
+from gemma3_mlx.prompt import TRANSCRIPT_STOP, prompt_ids, uses_transcript
 
 KEY = "test-key"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -444,7 +444,9 @@ def test_real_270m_batched_greedy_logprobs_stop_and_seed(real):
         t.join()
     # The seeing 270M is a base model: its chats are transcripts (prompt.py), the reply's ends stripped.
     transcript = uses_transcript(real.model.config)
-    shown = (lambda text: text.strip()) if transcript else (lambda text: text)
+    def shown(text):  # what the client sees of a reply's text: up to the transcript's stop, stripped
+        return text.split(TRANSCRIPT_STOP)[0].strip() if transcript else text
+
     for prompt, chunks in zip(prompts, got):  # each stream is the model's own greedy chain, to 1e-4
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
         entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
