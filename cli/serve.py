@@ -113,6 +113,19 @@ class _Request:
                                     "try again shortly", code="queue_full")
         self.watch = asyncio.ensure_future(self._disconnected())
 
+    async def admit(self, job):
+        """Check the job's constraint off the event loop (a ConstraintError is the caller's 400, naming
+        why), queue the job, and return the worker's first word: ("accepted", n), ("error", status,
+        message), or None when the client has gone."""
+        if job.settings.constraint is not None:
+            await asyncio.to_thread(job.settings.constraint.check, self.worker.engine.vocabulary)
+        self.start(job)
+        try:
+            return await self.next()  # "accepted", or an error found while building the prompt
+        except BaseException:
+            self.close()
+            raise
+
     async def next(self):
         """The worker's next item; None once the client disconnected (the job is then cancelled)."""
         getter = asyncio.ensure_future(self.queue.get())
@@ -178,19 +191,12 @@ def make_app(worker: Worker, model_names: tuple[str, ...], *, api_key: str | Non
             job, opts = api.completion_job(body, served, req.send)
         job.adapter = opts["model"] if opts["model"] in adapters else None  # a model choice: not a sampling setting
         job.speculative = _speculative(body)
-        if job.settings.constraint is not None:  # compiled off the event loop: a 400 naming why, before queuing
-            try:
-                await asyncio.to_thread(job.settings.constraint.check, worker.engine.vocabulary)
-            except ConstraintError as e:
-                param = "tools" if opts.get("tools") else "response_format"
-                raise api.ApiError(400, f"{param}: {e}", param=param, code="invalid_value") from None
         shapes = api.Shapes(chat, opts["model"], tokenizer, ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex)
-        req.start(job)
         try:
-            first = await req.next()  # "accepted", or an error found while building the prompt
-        except BaseException:
-            req.close()
-            raise
+            first = await req.admit(job)
+        except ConstraintError as e:
+            param = "tools" if opts.get("tools") else "response_format"
+            raise api.ApiError(400, f"{param}: {e}", param=param, code="invalid_value") from None
         if first is None:
             return PlainTextResponse("", status_code=499)
         if first[0] == "error":

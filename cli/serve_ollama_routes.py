@@ -6,7 +6,6 @@ clients expect it (details, model_info, a digest).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import math
 
@@ -126,17 +125,10 @@ def routes(worker, model_names: tuple[str, ...], *, read_json, authorize, open_r
         if job is None:
             return JSONResponse(shape.loaded(body.get("keep_alive") in (0, "0", "0s", "0m")))
         job.adapter = adapter_of(shape.model)
-        if job.settings.constraint is not None:  # compiled off the event loop: a 400 naming why, before it is queued
-            try:
-                await asyncio.to_thread(job.settings.constraint.check, worker.engine.vocabulary)
-            except ConstraintError as e:
-                raise refuse(f"format: {e}") from None
-        req.start(job)  # a full queue: a 503
         try:
-            first = await req.next()  # "accepted", or an error found while building the prompt
-        except BaseException:
-            req.close()
-            raise
+            first = await req.admit(job)  # a full queue: a 503
+        except ConstraintError as e:
+            raise refuse(f"format: {e}") from None
         if first is None:
             return Response(status_code=499)
         if first[0] == "error":

@@ -23,7 +23,7 @@ from gemma3_mlx.engine import Engine
 from gemma3_mlx.loader import load_tokenizer
 from gemma3_mlx.settings import Sampling
 from gemma3_mlx.speculate import DraftModel, PromptLookup
-from test_engine import tiny_model
+from test_engine import Pending, tiny_model
 
 V = 262144
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
@@ -190,28 +190,11 @@ def test_constrained_step_is_queued_before_its_token_is_read(model, tok, monkeyp
     while len(engine.rows) < 2:
         engine.step()
     log = []
-
-    class Pending:
-        def __init__(self, a):
-            self.a = a
-
-        def __getitem__(self, idx):
-            log.append("queued")
-            return self.a[idx]
-
-        def tolist(self):
-            log.append("read")
-            return self.a.tolist()
-
-        def __getattr__(self, name):
-            log.append(f"other:{name}")
-            return getattr(self.a, name)
-
     real_async, real_eval = mx.async_eval, mx.eval
     monkeypatch.setattr(mx, "async_eval", lambda *a: (log.append("dispatch"), real_async(*a))[1])
     monkeypatch.setattr(mx, "eval", lambda *a, **k: (log.append("eval"), real_eval(*a, **k))[1])
     for _ in range(8):
-        engine.pending = Pending(engine.pending)
+        engine.pending = Pending(engine.pending, log)
         log.clear()
         events = engine.step()
         assert log == ["queued", "dispatch", "read", "dispatch"], log

@@ -198,37 +198,37 @@ def test_decode_step_is_queued_before_its_token_is_read(models, monkeypatch):
     while len(engine.rows) < 2:
         engine.step()  # prefill and join (one sync per sequence, for its time to first token)
     log = []
-
-    class Pending:
-        """Stands in for the engine's pending tokens and records how they are used."""
-
-        def __init__(self, a):
-            self.a = a
-
-        def __getitem__(self, idx):
-            log.append("queued")
-            return self.a[idx]
-
-        def tolist(self):
-            log.append("read")
-            return self.a.tolist()
-
-        def __getattr__(self, name):  # item, __array__, astype, ...: any other use is a host trip
-            log.append(f"other:{name}")
-            return getattr(self.a, name)
-
     syncs = []
     real_eval = mx.eval
     monkeypatch.setattr(mx, "eval", lambda *a, **k: (syncs.append("eval"), real_eval(*a, **k))[1])
     monkeypatch.setattr(np, "array", lambda *a, **k: syncs.append("np.array"))
     monkeypatch.setattr(np, "asarray", lambda *a, **k: syncs.append("np.asarray"))
     for _ in range(10):
-        engine.pending = Pending(engine.pending)
+        engine.pending = Pending(engine.pending, log)
         log.clear()
         events = engine.step()
         assert log == ["queued", "read"], log
         assert len(events) == 2 and not syncs
     monkeypatch.undo()
+
+
+class Pending:
+    """Stands in for the engine's pending tokens and records in `log` how they are used."""
+
+    def __init__(self, a, log):
+        self.a, self.log = a, log
+
+    def __getitem__(self, idx):
+        self.log.append("queued")
+        return self.a[idx]
+
+    def tolist(self):
+        self.log.append("read")
+        return self.a.tolist()
+
+    def __getattr__(self, name):  # item, __array__, astype, ...: any other use is a host trip
+        self.log.append(f"other:{name}")
+        return getattr(self.a, name)
 
 
 def image_prompt():
