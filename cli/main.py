@@ -26,7 +26,7 @@ from ..cache import kv_bytes
 from ..chat import ChatSession
 from ..generate import stream_generate
 from ..image import load_image
-from ..loader import load, load_config
+from ..loader import Checkpoint, load, load_config
 from ..memory import DoesNotFit, describe, ensure_fits, gb, machine_memory, needs
 from ..adapters import AdapterError, check_name
 from ..errors import Gemma3Error
@@ -62,11 +62,12 @@ def resolve_model(model: Optional[str]) -> Path:
 
 def open_model(path: Path, **options):
     """load(path), saying so on a terminal; a cached model that fails to load is reported as damaged,
-    with the command that removes it."""
+    with the command that removes it. config.json and the weight headers are read once, for both steps."""
     with status(f"loading {path.name} ..."):
         try:
-            ensure_fits(path, dtype=options.get("dtype"))  # before loading: one line, not a machine swapping to a halt
-            return load(path, **options)
+            checkpoint = Checkpoint.read(path)
+            ensure_fits(path, dtype=options.get("dtype"), checkpoint=checkpoint)  # before loading: one line, not a machine swapping to a halt
+            return load(checkpoint, **options)
         except (DoesNotFit, AdapterError):
             raise
         except (Gemma3Error, ValueError, OSError) as e:

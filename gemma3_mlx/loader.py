@@ -8,6 +8,7 @@ Metal/CUDA. It never downloads: resolving model names is models.py's job.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -130,13 +131,30 @@ def load_config(path: Path) -> ModelConfig:
     return ModelConfig.from_dict(d)
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model directory as read once: its config.json and each weight file's header (parsed and checked).
+    A load hands it along (the cache's damage check, the memory check, the loader) instead of each part
+    reading the directory again."""
+
+    path: Path
+    config: ModelConfig
+    files: tuple[SafetensorsFile, ...]
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Checkpoint":
+        path = Path(path)
+        config = load_config(path)
+        return cls(path, config, tuple(SafetensorsFile(f) for f in checkpoint_files(path)))
+
+
 def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize: bool | None = None, *,
-               config: ModelConfig | None = None, plan=None) -> Model:
+               config: ModelConfig | None = None, plan=None, files=None) -> Model:
     """Build the model of a directory. Quantized weights stay quantized on GPUs; on the CPU
     backend (`dequantize=None`) they are expanded to the compute dtype, because MLX's CPU
     quantized kernels run ~2x (decode) to ~40x (prefill) slower than float matmuls with BLAS.
-    `config` is the directory's config.json when the caller has read it already (as `load` has).
-    `plan`: a shard.Plan: this rank reads only its own tensors and slices, and the model is split to match."""
+    `config`, `files`: the directory's config.json and weight files' headers when the caller has read them
+    already (a Checkpoint, as `load` has). `plan`: a shard.Plan: this rank reads only its own tensors and slices, and the model is split to match."""
     path = Path(path)
     config = config or load_config(path)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype())
@@ -145,7 +163,7 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize
     model = Model(config)  # its random initial weights are lazy: never computed, replaced below
     if dequantize is None:
         dequantize = mx.default_device() == mx.cpu
-    weights = read_weights(path, config, dtype, dequantize, *((plan.keep, plan.take) if plan else ()))
+    weights = read_weights(path, config, dtype, dequantize, *((plan.keep, plan.take) if plan else ()), files=files)
     quantize = (lambda m: quantize_like(m, config.quantization, weights)) if config.quantization and not dequantize else None
     if plan is not None:
         plan.apply(model, quantize)  # split the model as the weights were, quantized layers included
@@ -160,10 +178,10 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize
 
 
 def read_weights(path: Path, config: ModelConfig, dtype: mx.Dtype, dequantize: bool,
-                 select: Callable[[str], bool] | None = None, take=None) -> dict[str, mx.array]:
+                 select: Callable[[str], bool] | None = None, take=None, files=None) -> dict[str, mx.array]:
     """A directory's weights under MLX names (those `select` keeps, each cut down by `take(name, w)`
-    when given: a rank's slice, shard.Plan), materialised one at a time."""
-    files = [SafetensorsFile(f) for f in checkpoint_files(Path(path))]
+    when given: a rank's slice, shard.Plan), materialised one at a time. `files`: its headers, if read."""
+    files = files or [SafetensorsFile(f) for f in checkpoint_files(Path(path))]
     lazy = {n: take(n, w) if take else w for n, w in checkpoint_weights(files, vision=config.vision is not None)
             if not select or select(n)}
     with sigint_to_main_thread():  # the first lazy load starts MLX's reading threads: they leave Ctrl-C alone
@@ -186,17 +204,17 @@ def load_tokenizer(path: str | Path, *, config: ModelConfig | None = None) -> To
     return tok
 
 
-def load(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize: bool | None = None,
+def load(path: str | Path | Checkpoint, dtype: str | mx.Dtype | None = None, dequantize: bool | None = None,
          adapter: str | Path | dict | None = None) -> tuple:
-    """Load a model directory. `dtype` overrides the compute dtype ("float32" or "bfloat16");
+    """Load a model directory (or a Checkpoint read from one: nothing is read twice). `dtype` overrides the compute dtype ("float32" or "bfloat16");
     `dequantize` overrides whether quantized weights are expanded (default: on the CPU backend).
     `adapter`: a LoRA adapter directory (PEFT or mlx-lm) the model then runs, unmerged; or
     {name: directory} for several, which requests choose by name (adapters.py)."""
-    config = load_config(Path(path))  # read once, for both
-    model = load_model(path, dtype, dequantize, config=config)
+    c = path if isinstance(path, Checkpoint) else Checkpoint.read(path)  # read once, for both
+    model = load_model(c.path, dtype, dequantize, config=c.config, files=c.files)
     if adapter is not None:
         load_adapters(model, adapter)
-    return model, load_tokenizer(path, config=config)
+    return model, load_tokenizer(c.path, config=c.config)
 
 
-__all__ = ["load", "load_model", "load_tokenizer", "load_config"]
+__all__ = ["load", "load_model", "load_tokenizer", "load_config", "Checkpoint"]

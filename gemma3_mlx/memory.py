@@ -55,11 +55,12 @@ class Needs:
 
 
 def needs(path: str | Path, context: int = 8192, kv_bits: int | None = None, dtype: mx.Dtype | None = None,
-          dequantize: bool | None = None, config: ModelConfig | None = None, plan=None) -> Needs:
+          dequantize: bool | None = None, config: ModelConfig | None = None, plan=None, checkpoint=None) -> Needs:
     """Memory `load(path)` and a generation of `context` tokens need, from the files' headers alone.
-    `plan`: a shard.Plan: that rank's share of the weights and of the KV cache (activations as alone)."""
+    `plan`: a shard.Plan: that rank's share of the weights and of the KV cache (activations as alone).
+    `checkpoint`: the directory's loader.Checkpoint when the caller has read it (its config and headers)."""
     path = Path(path)
-    config = config or load_config(path)
+    config = checkpoint.config if checkpoint is not None else config or load_config(path)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype())
     expand = bool(config.quantization) and (mx.default_device() == mx.cpu if dequantize is None else dequantize)
     size = mx.float32.size if dtype == mx.float32 else 2
@@ -70,15 +71,18 @@ def needs(path: str | Path, context: int = 8192, kv_bits: int | None = None, dty
     # Attention scores of a global layer over the whole context, or the MLP's three intermediates.
     act = max(t.num_attention_heads * chunk * context * 4, 3 * chunk * t.intermediate_size * size)
     act += t.vocab_size * 4  # the last position's logits
+    if checkpoint is not None:
+        return Needs(_from_headers(checkpoint.files, config, size, expand, plan), kv, act, context, dtype, expand)
     try:
-        files = checkpoint_files(path)
+        paths = checkpoint_files(path)
     except ModelFileError:  # a config.json alone (a hub id described without downloading it)
         return Needs(_from_config(config, size, expand, plan), kv, act, context, dtype, expand)
+    files = [SafetensorsFile(f) for f in paths]
     return Needs(_from_headers(files, config, size, expand, plan), kv, act, context, dtype, expand)
 
 
-def _from_headers(files: list[Path], config: ModelConfig, size: int, expand: bool, plan=None) -> int:
-    shapes = {k: (f.shape(k), f.dtype(k)) for f in map(SafetensorsFile, files) for k in f.names
+def _from_headers(files: list[SafetensorsFile], config: ModelConfig, size: int, expand: bool, plan=None) -> int:
+    shapes = {k: (f.shape(k), f.dtype(k)) for f in files for k in f.names
               if sanitize_name(k) is not None or (config.vision is not None and vision_name(k) is not None)}
     total = 0
     for k, (shape, kind) in shapes.items():
@@ -190,9 +194,10 @@ def describe(n: Needs) -> str:
     return f"{kind} weights" + ("; the CPU backend expands quantized matrices" if n.expanded else "")
 
 
-def ensure_fits(path: str | Path, config: ModelConfig | None = None, dtype: mx.Dtype | None = None) -> Needs:
-    """Raise DoesNotFit unless this machine has the memory to load the model at `path`."""
-    n = needs(path, dtype=dtype, config=config)
+def ensure_fits(path: str | Path, config: ModelConfig | None = None, dtype: mx.Dtype | None = None,
+                checkpoint=None) -> Needs:
+    """Raise DoesNotFit unless this machine has the memory to load the model at `path` (`checkpoint`: as in needs)."""
+    n = needs(path, dtype=dtype, config=config, checkpoint=checkpoint)
     have = machine_memory()
     if n.to_load > have:
         raise DoesNotFit(f"{Path(path).name} needs about {gb(n.to_load)} to load ({describe(n)}) and this machine "

@@ -89,9 +89,9 @@ LOADED = {}  # (directory, its files' sizes and times, load options) -> (model, 
 def _load_once(path, **options):
     """gemma3_mlx.load, remembering what it loaded: the same unchanged directory with the same options
     gives the same (model, tokenizer) again. Models are not changed by generating (caches are separate)."""
-    path = Path(path)
-    files = sorted(f for f in path.iterdir() if f.name == "config.json" or f.suffix in (".safetensors", ".model"))
-    key = (str(path.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files),
+    directory = Path(getattr(path, "path", path))  # a directory, or a loader.Checkpoint read from one
+    files = sorted(f for f in directory.iterdir() if f.name == "config.json" or f.suffix in (".safetensors", ".model"))
+    key = (str(directory.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files),
            tuple(sorted((k, str(v)) for k, v in options.items())))
     if key not in LOADED:
         LOADED[key] = load(path, **options)
