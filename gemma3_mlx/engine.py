@@ -31,7 +31,7 @@ from .prefill import Fill, feed_rows, plan, run_rows
 from .prompt_cache import PromptCache, check_ids
 from .sample import Sampler
 from .settings import DEFAULT, Sampling
-from .speculate import paying, run_round, run_rounds
+from .speculate import Speculation, run_round, run_rounds
 
 STOP_IDS = (1, 106)  # <eos>, <end_of_turn>: the one list of default stop tokens
 
@@ -85,7 +85,7 @@ class Event(NamedTuple):
 
 
 class _Sequence:
-    def __init__(self, uid, prompt, cache, sampler, max_tokens, stop_ids, logprobs, steps, draft=None, k=0,
+    def __init__(self, uid, prompt, cache, sampler, max_tokens, stop_ids, logprobs, steps, speculation=None,
                  matcher=None):
         self.uid, self.prompt, self.cache, self.sampler = uid, prompt, cache, sampler
         self.max_tokens, self.stop_ids, self.logprobs = max_tokens, frozenset(stop_ids), logprobs
@@ -96,18 +96,17 @@ class _Sequence:
         self.history = None  # prompt + sampled tokens on the device, for a repetition penalty
         self.cancelled = False
         self.lp_pending = self.lp_next = None  # lazy log-probabilities of the pending / next token
-        self.draft, self.k, self.k_max = draft, k, k  # speculative decoding: proposer, tokens per round
-        self.proposed = self.accepted = self.rounds = 0
-        self.spent = [0.0, 0.0, 1.0]  # recent seconds proposing, checking, and tokens gained per round
-        self.plain_time = 0.0  # recent seconds of a plain one-token step (measured every 16th round)
+        self.speculation: Speculation | None = speculation  # speculative decoding's state and policy
+        self.speculating = speculation is not None  # until the policy switches the row to plain decoding
         self.t_submit = time.perf_counter()
         self.t_first = None
         self.prompt_time = 0.0
 
     def stats(self) -> Stats:
         now = time.perf_counter()
+        s = self.speculation
         return Stats(len(self.prompt), self.cache.reprocessed, self.prompt_time, len(self.tokens),
-                     now - self.t_first if self.t_first else 0.0, self.proposed, self.accepted, self.rounds)
+                     now - self.t_first if self.t_first else 0.0, *((s.proposed, s.accepted, s.rounds) if s else (0, 0, 0)))
 
 
 class Engine:
@@ -182,9 +181,10 @@ class Engine:
             raise ValueError("logprobs are not reported while speculating")
         if draft is not None and self.model.group is not None:
             raise ValueError("speculative decoding does not run split across ranks (--parallel)")
-        k = max(1, min(draft_tokens, self.cache_args["rollback"]))
+        rollback = self.cache_args["rollback"]
+        speculation = None if draft is None else Speculation(draft, max(1, min(draft_tokens, rollback)), rollback)
         seq = _Sequence(next(self._uids), prompt, cache, sampler or settings.sampler(), max_tokens, stop_ids,
-                        logprobs, steps, draft, k, matcher)
+                        logprobs, steps, speculation, matcher)
         self.waiting.append(seq)
         return seq.uid
 
@@ -316,8 +316,8 @@ class Engine:
             needs = [s.fill.need(self.prefill_chunk) for s in group]
             length = plan(needs, self.cache_args["rollback"] // 2)
             spent = list(itertools.accumulate(min(n, length) for n in needs))
-            if not idle:  # at least one row; more while they fit the step's budget
-                group = group[: max(1, sum(1 for x in spent if x <= budget))]
+            cap = budget if not idle else self.prefill_chunk  # a pass's activations: those of one chunk
+            group = group[: max(1, sum(1 for x in spent if x <= cap))]  # at least one row
             try:
                 outs = run_rows(self.model, [s.fill for s in group], length)
             except BaseException:
@@ -366,7 +366,7 @@ class Engine:
         seq.cache.snapshot(logits)  # end of the prompt: regenerating the reply starts here
         if seq.history is not None:
             seq.history = mx.concatenate([seq.history, first])
-        if seq.draft is not None:  # speculative rows run their own rounds; the first token is known
+        if seq.speculating:  # speculative rows run their own rounds; the first token is known
             return self._emit_spec(seq, [first.item()])
         self._merge(seq, first)
 
@@ -385,7 +385,7 @@ class Engine:
         """One speculative round of one row (speculate.run_round), then its tokens out."""
         out = run_round(seq, self.model.config.text.vocab_size, self._check_drafts if seq.matcher is not None else None)
         events = self._emit_spec(seq, out)
-        if seq in self.spec and seq.rounds >= 8 and not paying(seq):
+        if seq in self.spec and seq.speculation.switch_off():
             self._to_plain(seq)
         return events
 
@@ -397,7 +397,7 @@ class Engine:
         events = []
         for seq, out in zip(seqs, outs):
             events += self._emit_spec(seq, out)
-            if seq in self.spec and seq.rounds >= 8 and not paying(seq):
+            if seq in self.spec and seq.speculation.switch_off():
                 self._to_plain(seq)
         return events
 
@@ -431,7 +431,7 @@ class Engine:
     def _to_plain(self, seq: _Sequence) -> None:
         """Speculation does not pay for this row: it joins the batch and decodes one token a step."""
         self.spec.remove(seq)
-        seq.draft = None
+        seq.speculating = False  # its counters stay, for its statistics
         logits = seq.cache.feed(seq.tokens[-1:])  # the last token out was never run: its successor is pending
         history = ()
         if seq.sampler.uses_history:
