@@ -16,6 +16,7 @@ output follows the target's distribution p whatever the proposer (Leviathan et a
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import mlx.core as mx
 
@@ -23,6 +24,59 @@ from .prompt_cache import PromptCache
 from .sample import Sampler
 
 PROBE_EVERY = 16  # every 16th round of a row is a plain step, timed: what speculating must beat
+WARMUP_ROUNDS = 8  # rounds a row speculates before the policy may switch it off
+MIN_ACCEPTANCE = 0.4  # below this share of guesses kept, speculation does not pay
+DECAY = 0.7  # weight of the past in the recent averages of a round's costs
+
+
+@dataclass
+class Speculation:
+    """One row's speculative decoding, state and policy: its proposer, how many guesses the next round
+    makes (`k`, grown while every guess is kept, up to `k_cap`, the caches' rollback), what its rounds
+    proposed and kept, their recent costs, and whether it still pays (`paying`)."""
+
+    proposer: object  # DraftModel or PromptLookup
+    k: int  # guesses the next round makes
+    k_cap: int  # never more: the caches roll back at most this many tokens
+    proposed: int = 0
+    accepted: int = 0
+    rounds: int = 0  # target forward passes that checked guesses (probes included)
+    propose_time: float = 0.0  # recent seconds proposing a round's guesses
+    check_time: float = 0.0  # recent seconds of the target pass that checks them
+    gained: float = 1.0  # recent tokens out per round
+    plain_time: float = 0.0  # recent seconds of a plain one-token step (every PROBE_EVERY-th round)
+
+    @property
+    def probe(self) -> bool:
+        """This round is a plain, timed step: the cost a round must beat."""
+        return self.rounds % PROBE_EVERY == 0
+
+    def record(self, n: int, kept: int, propose_time: float, check_time: float, probe: bool) -> None:
+        """A round proposed `n` guesses and kept `kept` of them: the counters, the costs, the next k."""
+        self.proposed, self.accepted, self.rounds = self.proposed + n, self.accepted + kept, self.rounds + 1
+        if probe:
+            self.plain_time = check_time if not self.plain_time else 0.5 * self.plain_time + 0.5 * check_time
+        else:
+            mix = lambda old, new: DECAY * old + (1 - DECAY) * new  # noqa: E731
+            self.propose_time, self.check_time = mix(self.propose_time, propose_time), mix(self.check_time, check_time)
+            self.gained = mix(self.gained, kept + 1)
+        if n:  # grow k while everything is kept; otherwise just past what was kept
+            self.k = min(self.k + 1, self.k_cap) if kept == n else max(1, kept + 1)
+
+    def give_up_soon(self) -> None:
+        """The proposer cannot go on (e.g. past a draft model's context): judge the row now."""
+        self.rounds = max(self.rounds, WARMUP_ROUNDS)
+
+    def paying(self) -> bool:
+        """Speculation pays when the acceptance holds up and a round (proposing + checking) takes less
+        time than the plain steps it replaces (tokens gained x a measured plain step)."""
+        if self.accepted < MIN_ACCEPTANCE * self.proposed:
+            return False
+        return self.gained * self.plain_time > self.propose_time + self.check_time
+
+    def switch_off(self) -> bool:
+        """After the warm-up, a row whose speculation does not pay decodes plainly."""
+        return self.rounds >= WARMUP_ROUNDS and not self.paying()
 
 
 class PromptLookup:
@@ -154,15 +208,16 @@ class _Round:
     what is kept (`settle`)."""
 
     def __init__(self, seq, vocab: int, check_drafts=None):
-        self.seq, self.ctx = seq, seq.prompt + seq.tokens
-        self.probe = seq.rounds % PROBE_EVERY == 0  # a plain one-token step: the cost a round must beat
+        self.seq, self.ctx, spec = seq, seq.prompt + seq.tokens, seq.speculation
+        self.probe = spec.probe
         self.t0 = time.perf_counter()
         try:
-            drafts, q = ([], None) if self.probe else seq.draft.propose(self.ctx, seq.k, seq.sampler)
+            drafts, q = ([], None) if self.probe else spec.proposer.propose(self.ctx, spec.k, seq.sampler)
         except ValueError:  # e.g. past the draft model's context: go on without drafting
-            drafts, q, seq.rounds = [], None, max(seq.rounds, 8)
+            drafts, q = [], None
+            spec.give_up_soon()
         # A guess the target has no row for (a larger draft table) ends the guesses.
-        n = next((i for i, t in enumerate(drafts[: seq.k]) if t >= vocab), min(len(drafts), seq.k))
+        n = next((i for i, t in enumerate(drafts[: spec.k]) if t >= vocab), min(len(drafts), spec.k))
         drafts, q = drafts[:n], (q[:n, :vocab] if q is not None else None)
         self.allowed = None
         if check_drafts is not None:  # a constrained row: guesses end at the first its constraint refuses
@@ -190,20 +245,5 @@ class _Round:
         seq.cache.trim(n - kept)
         if self.allowed is not None and n:
             seq.matcher.rollback(n)  # back to the round's start: the engine feeds it every token out, as for plain rows
-        seq.proposed, seq.accepted, seq.rounds = seq.proposed + n, seq.accepted + kept, seq.rounds + 1
-        if self.probe:
-            seq.plain_time = check_time if not seq.plain_time else 0.5 * seq.plain_time + 0.5 * check_time
-        else:  # recent cost of proposing and of checking, and tokens gained per round (decaying averages)
-            seq.spent = [0.7 * a + 0.3 * b for a, b in zip(seq.spent, (self.t1 - self.t0, check_time, kept + 1))]
-        if n:  # grow k while everything is kept; otherwise just past what was kept
-            seq.k = min(seq.k + 1, seq.k_max) if kept == n else max(1, kept + 1)
+        seq.speculation.record(n, kept, self.t1 - self.t0, check_time, self.probe)
         return out
-
-
-def paying(seq) -> bool:
-    """Speculation pays when the acceptance holds up (>= 40%) and a round (proposing + checking)
-    takes less time than the plain steps it replaces (tokens gained x a measured plain step)."""
-    draft_time, check_time, gained = seq.spent
-    if seq.accepted < 0.4 * seq.proposed:
-        return False
-    return gained * seq.plain_time > draft_time + check_time

@@ -111,12 +111,12 @@ def test_speculating_rows_are_checked_in_one_target_pass_and_equal_plain(monkeyp
     (prefill.feed_rows), rows of different lengths and k, past many windows; greedy equals plain."""
     import gemma3_mlx.engine as engine_mod
     from gemma3_mlx.engine import Engine
-    from gemma3_mlx.speculate import DraftModel, PromptLookup
+    from gemma3_mlx.speculate import DraftModel, PromptLookup, Speculation
     from test_engine import alone, prompts_for, tiny_model
 
     target, other = tiny_model(8, seed=9), tiny_model(8, seed=10)
     prompts = prompts_for(target, [19, 40, 7, 33], seed=5)
-    monkeypatch.setattr(engine_mod, "paying", lambda seq: True)  # keep every row speculating
+    monkeypatch.setattr(Speculation, "paying", lambda self: True)  # keep every row speculating
     passes = []
     real = engine_mod.feed_rows
     monkeypatch.setattr(engine_mod, "feed_rows", lambda *a: passes.append(len(a[1])) or real(*a))

@@ -9,11 +9,10 @@ import gemma3_mlx
 import mlx.core as mx
 
 from gemma3_mlx.convert.quality import TEXT
-from gemma3_mlx import engine as engine_module
 from gemma3_mlx.engine import Engine
 from gemma3_mlx.prompt_cache import PromptCache
 from gemma3_mlx.sample import make_sampler
-from gemma3_mlx.speculate import DraftModel, PromptLookup, accept_sampled
+from gemma3_mlx.speculate import DraftModel, PromptLookup, Speculation, accept_sampled
 from test_engine import alone, image_prompt, prompts_for, tiny_model
 
 
@@ -25,7 +24,7 @@ def pairs():
 def speculate(model, prompt, n, draft, k, always=True, monkeypatch=None, **engine_kw):
     """Tokens and final stats of one speculative generation (the switch-off disabled with always=True)."""
     if always:
-        monkeypatch.setattr(engine_module, "paying", lambda seq: True)
+        monkeypatch.setattr(Speculation, "paying", lambda self: True)
     engine = Engine(model, max_batch=1, **engine_kw)
     pc = PromptCache(model, **engine.cache_args)
     engine.submit(prompt, max_tokens=n, stop_ids=(), draft=draft, draft_tokens=k, cache=pc)
@@ -69,7 +68,7 @@ def test_greedy_speculation_with_quantized_global_kv(pairs, monkeypatch):
 def test_greedy_speculation_with_an_image_in_the_prompt(monkeypatch):
     model, ids, images, _ = image_prompt()
     want = alone(model, ids, 60, images=images)
-    monkeypatch.setattr(engine_module, "paying", lambda seq: True)
+    monkeypatch.setattr(Speculation, "paying", lambda self: True)
     for draft in (PromptLookup(), DraftModel(model)):  # a draft reads the image block as padding
         engine = Engine(model, max_batch=1)
         engine.submit(ids, max_tokens=60, stop_ids=(), images=images, draft=draft, draft_tokens=3)
@@ -96,7 +95,7 @@ def test_stop_token_mid_round_leaves_prompt_and_reply_in_the_cache(pairs, monkey
     free = alone(target, prompt, 40)
     stop = free[17]
     first = free.index(stop)
-    monkeypatch.setattr(engine_module, "paying", lambda seq: True)
+    monkeypatch.setattr(Speculation, "paying", lambda self: True)
     engine = Engine(target, max_batch=1)
     pc = PromptCache(target)
     engine.submit(prompt, max_tokens=40, stop_ids=(stop,), draft=DraftModel(target), draft_tokens=6, cache=pc)
@@ -110,7 +109,7 @@ def test_seeded_sampled_speculation_is_reproducible(pairs, monkeypatch):
     prompt = prompts_for(target, [12], seed=4)[0]
     runs = []
     for _ in range(2):
-        monkeypatch.setattr(engine_module, "paying", lambda seq: True)
+        monkeypatch.setattr(Speculation, "paying", lambda self: True)
         engine = Engine(target, max_batch=1)
         engine.submit(prompt, max_tokens=50, stop_ids=(), draft=DraftModel(other), draft_tokens=3,
                       sampler=make_sampler(temp=0.8, top_k=50, repetition_penalty=1.1, seed=9))
