@@ -33,8 +33,8 @@ from .models import cache_dir, ensure_default_model, resolve  # noqa: E402
 from .image import ImageError, load_image, preprocess_image  # noqa: E402
 from .prompt import prompt_ids  # noqa: E402
 from .prompt_cache import PromptCache, PromptCacheError  # noqa: E402
-from .sample import Sampler, make_sampler  # noqa: E402
-from .settings import Sampling  # noqa: E402
+from .sample import Sampler  # noqa: E402
+from .settings import Sampling, make_sampler  # noqa: E402
 from .tools import ToolError, ToolUse  # noqa: E402
 from .tokenizer import StreamingDetokenizer, Tokenizer  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Sampling: pure functions over logits, and `make_sampler` that chains them.
+"""Sampling: pure functions over logits, and `Sampler` that chains them (made by settings.Sampling).
 
 Order as in the reference: repetition penalty, temperature, top-k, top-p, min-p, then a draw.
 Every filter maps logits (B, V) -> logits (B, V) with removed tokens at -inf. Temperature 0
@@ -73,8 +73,8 @@ class Sampler:
     far, a list or an array) matters only with a repetition penalty. A seeded sampler owns its
     random key: the same seed draws the same tokens alone or in a batch."""
 
-    def __init__(self, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-                 repetition_context=64, seed=None):
+    def __init__(self, temp, top_k, top_p, min_p, repetition_penalty, repetition_context, seed):
+        # No defaults here: settings.Sampling owns them (make_sampler, Sampling.sampler()).
         validate(temp, top_k, top_p, min_p, repetition_penalty)
         self.temp, self.top_k, self.top_p, self.min_p = temp, top_k, top_p, min_p
         self.repetition_penalty, self.repetition_context = repetition_penalty, repetition_context
@@ -122,16 +122,3 @@ class Sampler:
         if self.temp == 0:
             return mx.argmax(logits, axis=-1)
         return mx.random.categorical(logits, axis=-1, key=self.next_key())
-
-
-def make_sampler(
-    temp: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    repetition_context: int = 64,
-    seed: int | None = None,
-) -> Sampler:
-    """A `Sampler`: `sample(logits (B, V), history) -> token ids (B,)`. Temperature 0 means greedy."""
-    return Sampler(temp, top_k, top_p, min_p, repetition_penalty, repetition_context, seed)

@@ -95,3 +95,12 @@ class Sampling:
 
 
 DEFAULT = Sampling()
+
+
+def make_sampler(temp: float | None = None, **settings) -> Sampler:
+    """A `Sampler` (`sample(logits (B, V), history) -> token ids (B,)`) from settings by name
+    (`make_sampler(0.7, top_p=0.95, seed=1)`); the rest are Sampling's defaults. Temperature 0 is
+    greedy. Kept across calls, it keeps one random stream."""
+    if temp is not None:
+        settings["temp"] = temp
+    return Sampling(**settings).sampler()

@@ -19,7 +19,7 @@ from gemma3_mlx import distributed
 from gemma3_mlx.engine import Engine
 from gemma3_mlx.loader import load_model
 from gemma3_mlx.prompt_cache import PromptCache
-from gemma3_mlx.sample import make_sampler
+from gemma3_mlx.settings import make_sampler
 
 VLM_REF = "tests/fixtures/tiny_vlm/ref.safetensors"
 

@@ -16,7 +16,7 @@ from gemma3_mlx.generate import generate_tokens
 from gemma3_mlx.loader import load_model
 from gemma3_mlx.model import Model
 from gemma3_mlx.prompt_cache import PromptCache
-from gemma3_mlx.sample import make_sampler
+from gemma3_mlx.settings import make_sampler
 
 
 def tiny_model(window: int, seed: int = 0, layers: int = 6, vocab: int = 512) -> Model:

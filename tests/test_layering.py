@@ -196,8 +196,6 @@ def sampling_defaults(m: str) -> list[str]:
     return found
 
 
-@pytest.mark.xfail(reason="issue 26: sample.py's Sampler() and make_sampler() still carry defaults of their own "
-                          "(generate.py, chat.py and the CLI take settings.Sampling's)")
 def test_sampling_defaults_are_defined_once():
     assert sampling_defaults(SETTINGS), "settings.py should hold the defaults (has the checker gone blind?)"
     # The converter's calibration seed is not a sampling setting.

@@ -6,7 +6,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from gemma3_mlx.sample import apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, make_sampler
+from gemma3_mlx.sample import apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p
+from gemma3_mlx.settings import make_sampler
 
 NEG = float("-inf")
 L = mx.array([[1.0, 3.0, 2.0, 0.5]])  # probs ~ [0.086, 0.636, 0.234, 0.052]

@@ -11,7 +11,7 @@ import mlx.core as mx
 from gemma3_mlx.convert.quality import TEXT
 from gemma3_mlx.engine import Engine
 from gemma3_mlx.prompt_cache import PromptCache
-from gemma3_mlx.sample import make_sampler
+from gemma3_mlx.settings import make_sampler
 from gemma3_mlx.speculate import DraftModel, PromptLookup, Speculation, accept_sampled
 from test_engine import alone, image_prompt, prompts_for, tiny_model
 
