@@ -19,7 +19,9 @@ from test_server import KEY, Tiny, make_tiny
 
 @pytest.fixture(scope="module")
 def tiny(tokenizer_270m, tmp_path_factory):
-    server = Tiny(make_tiny(tokenizer_270m, tmp_path_factory.mktemp("ollama") / "tiny-chat"))
+    path = make_tiny(tokenizer_270m, tmp_path_factory.mktemp("ollama") / "tiny-chat")
+    server = Tiny(path)
+    server.path = path
     server.ollama = ollama.Client(host=f"http://127.0.0.1:{server.port}", headers={"Authorization": f"Bearer {KEY}"},
                                   timeout=60)
     yield server
@@ -169,3 +171,35 @@ def test_format_json_and_schema(tiny):
     assert e.value.status_code == 400 and e.value.error.startswith("format: "), e.value.error
     status, body = tiny.raw("POST", "/api/generate", json.dumps({"model": "tiny-chat", "prompt": "x", "format": "yaml"}))
     assert status == 400 and body == {"error": 'format: expected "json" or a JSON schema object'}
+
+
+def test_images_as_ollama_sends_them(tiny, tmp_path):
+    """Base64 without a data: prefix, in a message's "images" (chat) or the body's (generate): the image goes
+    before the message's text, as Ollama places it; the same prompt and reply as the OpenAI route's."""
+    import base64
+
+    from conftest import FIXTURES, give_eyes
+    from gemma3_mlx.prompt import MARKER, prompt_ids
+
+    seeing = Tiny(give_eyes(tiny.path, tmp_path / "tiny-eyes"))
+    try:
+        client = ollama.Client(host=f"http://127.0.0.1:{seeing.port}", headers={"Authorization": f"Bearer {KEY}"})
+        png = (FIXTURES / "images" / "rgb.png").read_bytes()
+        ids, blocks = prompt_ids(seeing.tokenizer, seeing.model.config,
+                                 [{"role": "user", "content": MARKER + "What is this?"}], [png])
+        r = client.chat("tiny-eyes", messages=[{"role": "user", "content": "What is this?", "images": [png]}],
+                        options={"num_predict": 6})
+        assert r.prompt_eval_count == len(ids) and len(blocks) == 1 and r.eval_count == 6
+        url = "data:image/png;base64," + base64.b64encode(png).decode()
+        openai_reply = seeing.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                                 {"type": "text", "text": "What is this?"}]}],
+                                   max_tokens=6)
+        assert r.message.content == openai_reply.choices[0].message.content
+        g = client.generate("tiny-eyes", "What is this?", images=[base64.b64encode(png).decode()],
+                            options={"num_predict": 6})
+        assert g.response == r.message.content and g.prompt_eval_count == len(ids)
+        status, body = seeing.raw("POST", "/api/generate", json.dumps({"model": "tiny-eyes", "prompt": "x",
+                                                                       "images": [url]}))  # a data: URL is not base64
+        assert status == 400 and "not valid base64" in body["error"]
+    finally:
+        seeing.close()
