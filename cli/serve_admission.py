@@ -2,15 +2,14 @@
 
 The budget is what this machine can give the model (memory.machine_memory(), which GEMMA3_MLX_MEMORY
 overrides) less the loaded weights, the runtime, a prefill chunk's activations and MLX's buffer cache
-(bounded here: the worker sets the limit). On admission a
-request reserves the KV its row can grow to: its prompt plus max_tokens, capped at the context (a
-request without max_tokens whose context would never fit is given what fits, and ends with
-"length"). The engine keeps a batch's global layers in one array padded to the longest row and
-growing in steps (cache.KVCache), so what is counted is the batch's worst case: the longest row's
-worst case at its grown capacity, times the rows that live at once while one joins (batch_bytes).
-Idle caches in the pool go first (least recently used); a request that still does not fit waits in
-order; one that could not fit even alone is refused.
-Arithmetic over the config (cache.kv_bytes): no MLX work, no threads; the worker owns one.
+(bounded: bound_process, which the worker calls). On admission a request reserves the KV its row can
+grow to: its prompt plus max_tokens, capped at the context (one without max_tokens whose context would
+never fit gets what fits, and ends with "length"). The engine keeps a batch's global layers in one
+array padded to the longest row and growing in steps (cache.KVCache), so what is counted is the
+batch's worst case: the longest row's worst case at its grown capacity, times the rows that live at
+once while one joins (batch_bytes). Idle caches in the pool go first (least recently used); a request
+that still does not fit waits, in order; one that could not fit even alone is refused. `Admission` is
+arithmetic over the config (cache.kv_bytes) with no threads: the worker's model thread owns one.
 """
 
 from __future__ import annotations
