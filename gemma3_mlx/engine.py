@@ -140,6 +140,7 @@ class Engine:
         self._uids = itertools.count()
         self._ahead = None
         self._cancels = False  # a cancel() is waiting for the next step
+        self._joining: list | None = None  # rows joining during _prefill, merged at its end in one copy
 
     # ------------------------------------------------------------------ requests
 
@@ -289,10 +290,33 @@ class Engine:
         prompt does not stall them); when nothing decodes, passes until the first rows are ready
         (their first tokens go out; the other prompts go on beside their decoding). A prompt with
         images runs alone (prompt_cache.py keeps its blocks whole)."""
+        self._joining = []
+        try:
+            return self._prefill_passes()
+        finally:
+            self._join_all()
+
+    def _join_all(self) -> None:
+        """The rows that joined during _prefill enter the batch: every cache copied once (merging them
+        one by one copies the batch once per row)."""
+        joining, self._joining = self._joining, None
+        if not joining:
+            return
+        seqs, firsts = [s for s, _ in joining], [f for _, f in joining]
+        if self.layers is None and len(seqs) == 1:
+            self.layers, self.pending = seqs[0].cache.layers, firsts[0]
+        else:
+            parts = ([self.layers] if self.layers is not None else []) + [s.cache.layers for s in seqs]
+            self.layers = [p[0].merge(*p[1:]) for p in zip(*parts)]
+            self.pending = mx.concatenate(([self.pending] if self.pending is not None else []) + firsts)
+        self.rows += seqs
+
+    def _prefill_passes(self) -> list[Event]:
         events, budget = [], self.prefill_chunk
-        while self.waiting and (budget > 0 or not (self.rows or self.spec)):
-            idle = not (self.rows or self.spec)
-            group = list(itertools.islice(self.waiting, self.max_batch - len(self.rows) - len(self.spec)))
+        while self.waiting and (budget > 0 or not (self.rows or self._joining or self.spec)):
+            idle = not (self.rows or self._joining or self.spec)
+            busy = len(self.rows) + len(self._joining) + len(self.spec)
+            group = list(itertools.islice(self.waiting, self.max_batch - busy))
             if not group:
                 break
             if not self._batchable(group[0]):
@@ -371,7 +395,11 @@ class Engine:
         self._merge(seq, first)
 
     def _merge(self, seq: _Sequence, first: mx.array) -> None:
-        """Add a row to the batch, `first` (1,) being its next token to feed."""
+        """Add a row to the batch, `first` (1,) being its next token to feed (during _prefill: at its
+        end, with every row that joins in it)."""
+        if self._joining is not None:
+            self._joining.append((seq, first))
+            return
         if self.layers is None:
             self.layers, self.pending = seq.cache.layers, first
         else:
