@@ -9,10 +9,11 @@ server's default (greedy), not Ollama's (temperature 0.8). As in Ollama, an unkn
 and a known one of the wrong type is a 400. Unlike Ollama, a sampler this server does not have
 (typical_p, presence_penalty, frequency_penalty) is a 400 unless at its neutral value: never silently
 ignored. Without effect: `keep_alive` (the model stays loaded while the server runs), the runner's
-options (num_gpu, num_thread, num_batch, use_mmap, ...) and `num_ctx` (type-checked; every request
-has the model's whole context). Refused: `template` (the model's own chat template is always used;
-`raw: true` takes a prompt as is), `context` (deprecated by Ollama: send messages to /api/chat),
-`suffix`, `tools` and `think: true` (Gemma 3 neither calls tools here nor thinks).
+options (num_gpu, num_thread, num_batch, use_mmap, ...). `num_ctx` below the model's context holds
+the prompt and the reply within it (a longer prompt is a 400, where Ollama cuts its start).
+Refused: `template` (the model's own chat template is always used; `raw: true` takes a prompt as
+is), `context` (deprecated by Ollama: send messages to /api/chat), `suffix`, `tools` and
+`think: true` (Gemma 3 neither calls tools here nor thinks).
 """
 
 from __future__ import annotations
@@ -134,8 +135,10 @@ def _text(body: dict, key: str) -> str:
     return v or ""
 
 
-def _common(body: dict) -> tuple[Sampling, int | None, bool]:
-    """(sampling, max_tokens, stream) after the checks /api/chat and /api/generate share."""
+def _common(body: dict) -> tuple[Sampling, dict, bool]:
+    """(sampling, limits, stream) after the checks /api/chat and /api/generate share. `limits`: the Job's
+    max_tokens (num_predict) and context (num_ctx: prompt and reply within it; refused past it, where
+    Ollama would cut the prompt's start)."""
     if body.get("think") not in (None, False):
         raise refuse(f'"{body.get("model")}" does not support thinking')
     if body.get("tools"):
@@ -146,17 +149,21 @@ def _common(body: dict) -> tuple[Sampling, int | None, bool]:
     if not isinstance(stream, bool):
         raise refuse("stream: expected a boolean")
     s, max_tokens = sampling(body.get("options"))
-    return s.replace(constraint=constraint(body.get("format"))), max_tokens, stream
+    num_ctx = body["options"].get("num_ctx") if isinstance(body.get("options"), dict) else None
+    limits = {"max_tokens": max_tokens, "context": _option("num_ctx", num_ctx) if num_ctx is not None else None}
+    if limits["context"] is not None and limits["context"] <= 0:
+        limits["context"] = None  # Ollama: the default
+    return s.replace(constraint=constraint(body.get("format"))), limits, stream
 
 
-def _job(send, s: Sampling, max_tokens: int | None, **kw) -> Job:
+def _job(send, s: Sampling, limits: dict, **kw) -> Job:
     """The worker's Job for these settings."""
-    return Job(send, max_tokens=max_tokens, settings=s, **kw)
+    return Job(send, settings=s, **limits, **kw)
 
 
 def chat_job(body: dict, send, vision: bool) -> tuple[Job | None, bool]:
     """(job, stream); job None for a chat with no messages (Ollama's way to load a model)."""
-    s, max_tokens, stream = _common(body)
+    s, limits, stream = _common(body)
     messages = body.get("messages")
     if messages is None or messages == []:
         return None, stream
@@ -180,12 +187,12 @@ def chat_job(body: dict, send, vision: bool) -> tuple[Job | None, bool]:
         out.append({"role": m["role"], "content": IMAGE_PART * len(these) + (m.get("content") or "")})
     if images and not vision:
         raise refuse("this model cannot see images (a text-only Gemma 3)")
-    return _job(send, s, max_tokens, messages=join_turns(out), images=images), stream
+    return _job(send, s, limits, messages=join_turns(out), images=images), stream
 
 
 def generate_job(body: dict, send, vision: bool) -> tuple[Job | None, bool]:
     """(job, stream); job None for an empty prompt without images (Ollama's way to load a model)."""
-    s, max_tokens, stream = _common(body)
+    s, limits, stream = _common(body)
     prompt, system = _text(body, "prompt"), _text(body, "system")
     if _text(body, "template"):
         raise refuse("template: not supported: this server always applies the model's own chat template "
@@ -206,10 +213,10 @@ def generate_job(body: dict, send, vision: bool) -> tuple[Job | None, bool]:
         if system or images:
             raise refuse("raw mode does not support template, system, or context" if system else
                        "raw mode does not take images (send them to /api/chat or without raw)")
-        return _job(send, s, max_tokens, prompt=prompt), stream
+        return _job(send, s, limits, prompt=prompt), stream
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": IMAGE_PART * len(images) + prompt})
-    return _job(send, s, max_tokens, messages=messages, images=images), stream
+    return _job(send, s, limits, messages=messages, images=images), stream
 
 
 # ---------------------------------------------------------------------- answers

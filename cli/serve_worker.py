@@ -63,6 +63,7 @@ class Job:
     logprobs: int | None = None
     speculative: str | None = None  # "draft", "prompt-lookup" or "off"; None: the server's default
     adapter: str | None = None  # the LoRA adapter the request's `model` names (None: the base)
+    context: int | None = None  # Ollama's num_ctx: prompt and reply within it (None, or more: the model's)
     # the model thread's bookkeeping
     uid: int | None = None
     cache: object = None
@@ -76,14 +77,14 @@ class Job:
         """The request, as rank 0 sends it to the other ranks."""
         return {"messages": self.messages, "prompt": self.prompt, "max_tokens": self.max_tokens,
                 "images": [base64.b64encode(b).decode() for b in self.images], "settings": self.settings.to_json(),
-                "logprobs": self.logprobs}
+                "logprobs": self.logprobs, "context": self.context}
 
     @classmethod
     def from_json(cls, d: dict) -> "Job":
         """A request replayed on another rank: it answers nobody (rank 0 answers the client)."""
         return cls(_nobody, messages=d["messages"], prompt=d["prompt"], max_tokens=d["max_tokens"],
                    images=[base64.b64decode(b) for b in d["images"]], settings=Sampling.from_json(d["settings"]),
-                   logprobs=d["logprobs"])
+                   logprobs=d["logprobs"], context=d.get("context"))
 
 
 def _nobody(item: tuple) -> None:
@@ -284,7 +285,12 @@ class Worker(threading.Thread):
             if len(ids) >= self.context:
                 raise ValueError(f"the prompt has {len(ids)} tokens: more than the model's context of {self.context}")
             if tokens is None:
-                tokens = self.admission.plan(len(ids), job.max_tokens)  # prompt + max_tokens, checked
+                max_tokens = job.max_tokens
+                if job.context and job.context < self.context:  # Ollama's num_ctx: the reply stops at it
+                    if len(ids) >= job.context:
+                        raise ValueError(f"the prompt has {len(ids)} tokens: more than num_ctx {job.context}")
+                    max_tokens = min(max_tokens or job.context, job.context - len(ids))
+                tokens = self.admission.plan(len(ids), max_tokens)  # prompt + max_tokens, checked
                 if not self.admission.admit(job, tokens, self.pool, (ids, blocks)):
                     return  # it waits for memory (admission.waiting)
             max_tokens = tokens - len(ids)

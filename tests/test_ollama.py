@@ -106,9 +106,17 @@ def test_options_map_onto_the_sampling_settings(tiny):
     cut = reply(stop=[stop, "never-seen"])
     assert cut.done_reason == "stop" and cut.message.content == greedy[: greedy.index(stop)]
     # unknown options are ignored (as Ollama does), runner options and keep_alive have no effect
-    assert reply(mirostat=2, num_gpu=99, num_thread=1, num_ctx=64, use_mmap=True, typical_p=1.0,
+    assert reply(mirostat=2, num_gpu=99, num_thread=1, num_ctx=4096, use_mmap=True, typical_p=1.0,
                  presence_penalty=0).message.content == greedy
     assert reply(num_predict=3.0).eval_count == 3  # JSON numbers are floats to Ollama: an integral one is fine
+    n_prompt = reference(tiny, msg, 1)[1]
+    capped = reply(num_predict=-1, num_ctx=n_prompt + 7)  # num_ctx holds the prompt and the reply
+    assert capped.eval_count == 7 and capped.done_reason == "length" and greedy.startswith(capped.message.content)
+    assert reply(num_ctx=n_prompt + 50).eval_count == 10  # num_predict comes first when it is smaller
+    with pytest.raises(ollama.ResponseError) as e:
+        reply(num_ctx=n_prompt - 1)
+    assert e.value.status_code == 400 and f"the prompt has {n_prompt} tokens: more than num_ctx {n_prompt - 1}" \
+        == e.value.error
     penalized = reply(repeat_penalty=1.5).message.content  # the tiny random model repeats itself: it shows
     assert penalized != greedy and reply(repeat_penalty=1.5, repeat_last_n=64).message.content == penalized
     assert reply(repeat_penalty=1.5, repeat_last_n=0).message.content == greedy  # Ollama: 0 turns it off
