@@ -77,14 +77,16 @@ class Job:
         """The request, as rank 0 sends it to the other ranks."""
         return {"messages": self.messages, "prompt": self.prompt, "max_tokens": self.max_tokens,
                 "images": [base64.b64encode(b).decode() for b in self.images], "settings": self.settings.to_json(),
-                "logprobs": self.logprobs, "context": self.context}
+                "logprobs": self.logprobs, "context": self.context, "adapter": self.adapter,
+                "speculative": self.speculative}
 
     @classmethod
     def from_json(cls, d: dict) -> "Job":
         """A request replayed on another rank: it answers nobody (rank 0 answers the client)."""
         return cls(_nobody, messages=d["messages"], prompt=d["prompt"], max_tokens=d["max_tokens"],
                    images=[base64.b64decode(b) for b in d["images"]], settings=Sampling.from_json(d["settings"]),
-                   logprobs=d["logprobs"], context=d.get("context"))
+                   logprobs=d["logprobs"], context=d.get("context"), adapter=d.get("adapter"),
+                   speculative=d.get("speculative"))
 
 
 def _nobody(item: tuple) -> None:

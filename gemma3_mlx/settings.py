@@ -17,6 +17,7 @@ from .sample import Sampler, validate
 
 MAX_STOP_STRINGS = 16  # as OpenAI's limit is 4 and Ollama's is unbounded: enough for both, bounded
 MAX_STOP_CHARS = 512
+MAX_REPETITION_CONTEXT = 1 << 20  # tokens a repetition penalty looks back over: past any context Gemma 3 has
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,10 @@ class Sampling:
         validate(self.temp, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1 (got {self.max_tokens!r})")
-        if self.repetition_context < 1:
-            raise ValueError(f"repetition_context must be >= 1 (got {self.repetition_context})")
+        if isinstance(self.repetition_context, bool) or not isinstance(self.repetition_context, int) \
+                or not 1 <= self.repetition_context <= MAX_REPETITION_CONTEXT:
+            raise ValueError(f"repetition_context must be an integer from 1 to {MAX_REPETITION_CONTEXT} "
+                             f"(got {self.repetition_context!r})")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**64):
             raise ValueError(f"seed must be an integer from 0 to 2**64 - 1 (got {self.seed!r})")

@@ -532,7 +532,9 @@ def test_a_request_reaches_the_other_ranks_whole():
     job = Job(print, messages=[{"role": "user", "content": "Look: \x00<image> and é"}], images=[bytes(range(256)), b""],
               max_tokens=7, settings=settings, logprobs=3)
     again = Job.from_json(json.loads(json.dumps(job.to_json())))
-    for f in ("messages", "prompt", "images", "max_tokens", "settings", "logprobs"):
+    job.adapter, job.speculative = "tuned", "prompt-lookup"
+    again = Job.from_json(json.loads(json.dumps(job.to_json())))
+    for f in ("messages", "prompt", "images", "max_tokens", "settings", "logprobs", "adapter", "speculative"):
         assert getattr(again, f) == getattr(job, f), f
     assert again.send(("delta", "x", None)) is None  # another rank's copy answers nobody
     ids = Job.from_json(json.loads(json.dumps(Job(print, prompt=[2, 651, 6037]).to_json())))
