@@ -21,6 +21,18 @@ Parts:
            decode tok/s with `LlamaGrammar.from_json_schema(SCHEMA)` against without; its ratio.
 
 Absolute numbers compare only within one run (the machine is shared); ratios are the result.
+llama-cpp-python is built from its sdist; on a CPU with AMX whose kernel or sandbox will not grant the
+tiles, its native build crashes in ggml_backend_amx_mul_mat: build it with
+CMAKE_ARGS="-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16 ..." and -DGGML_NATIVE=OFF.
+
+Measured (2 shared CPU cores, load average 11-14, so absolute speeds are a fraction of an idle machine's;
+mlx 0.32.4 CPU, llguidance 1.9.1, llama-cpp-python 0.3.36; 31 min):
+  compile: tokenizer bridge 3.77 s (once per model); 285 schemas (241 compiled, 44 refused): p50 1.64 ms, p99 40.86 ms, max 71.88 ms
+  decode B=1: unconstrained 1.4 tok/s, constrained 1.5 tok/s, ratio 1.012 (goal >= 0.95)
+  mask B=1: fill per step p50 0.270 ms, p99 2.171 ms; per row p50 0.270 ms (291 steps)
+  decode B=8: unconstrained 9.6 tok/s, constrained 9.9 tok/s, ratio 1.029 (goal >= 0.95)
+  mask B=8: fill per step p50 2.244 ms, p99 34.282 ms; per row p50 0.325 ms (312 steps)
+  llama.cpp B=1: unconstrained 1.9 tok/s (97 tokens), constrained 0.7 tok/s (97 tokens), ratio 0.375
 """
 
 from __future__ import annotations
