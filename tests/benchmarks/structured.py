@@ -22,8 +22,8 @@ Parts:
 
 Absolute numbers compare only within one run (the machine is shared); ratios are the result.
 llama-cpp-python is built from its sdist; on a CPU with AMX whose kernel or sandbox will not grant the
-tiles, its native build crashes in ggml_backend_amx_mul_mat: build it with
-CMAKE_ARGS="-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16 ..." and -DGGML_NATIVE=OFF.
+tiles (this machine), its native build crashes in ggml_backend_amx_mul_mat on the first decode: build
+its libggml-cpu with "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in CMAKE_C_FLAGS and CMAKE_CXX_FLAGS.
 
 Measured (2 shared CPU cores, load average 11-14, so absolute speeds are a fraction of an idle machine's;
 mlx 0.32.4 CPU, llguidance 1.9.1, llama-cpp-python 0.3.36; 31 min):
