@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from gemma3_mlx.constrain import Constraint, ConstraintError, allowed, vocabulary
 from gemma3_mlx.engine import Engine
-from gemma3_mlx.loader import load_tokenizer
+from gemma3_mlx.tokenizer import Tokenizer
 from gemma3_mlx.settings import Sampling
 from gemma3_mlx.speculate import DraftModel, PromptLookup
 from test_engine import Pending, tiny_model
@@ -33,8 +33,8 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 
 
 @pytest.fixture(scope="module")
-def tok(default_model_dir):
-    return load_tokenizer(default_model_dir)
+def tok(tokenizer_270m):
+    return Tokenizer(tokenizer_270m)
 
 
 @pytest.fixture(scope="module")

@@ -69,15 +69,15 @@ def jsonish(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def plain(default_model_dir, tmp_path_factory):
-    server = Tiny(make_tiny(default_model_dir / "tokenizer.model", tmp_path_factory.mktemp("st") / "tiny-plain"))
+def plain(tokenizer_270m, tmp_path_factory):
+    server = Tiny(make_tiny(tokenizer_270m, tmp_path_factory.mktemp("st") / "tiny-plain"))
     yield server
     server.close()
 
 
 @pytest.fixture(scope="module")
-def js(default_model_dir, tmp_path_factory):
-    d = make_tiny(default_model_dir / "tokenizer.model", tmp_path_factory.mktemp("st") / "tiny-json")
+def js(tokenizer_270m, tmp_path_factory):
+    d = make_tiny(tokenizer_270m, tmp_path_factory.mktemp("st") / "tiny-json")
     server = Tiny(jsonish(d), max_body=16 << 20)
     yield server
     server.close()

@@ -9,7 +9,7 @@ import pytest
 
 import gemma3_mlx  # noqa: F401
 from gemma3_mlx.constrain import vocabulary
-from gemma3_mlx.loader import load_tokenizer
+from gemma3_mlx.tokenizer import Tokenizer
 from gemma3_mlx.tools import ToolError, ToolUse, call_text, chat_messages
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -19,8 +19,8 @@ TIME = {"type": "function", "function": {"name": "now", "parameters": {"type": "
 
 
 @pytest.fixture(scope="module")
-def tok(default_model_dir):
-    return load_tokenizer(default_model_dir)
+def tok(tokenizer_270m):
+    return Tokenizer(tokenizer_270m)
 
 
 def accepts(tok, use, text) -> bool:
@@ -106,7 +106,7 @@ def test_bad_tools_are_refused_naming_what(tools, choice, why):
         ToolUse.from_request(tools, choice)
 
 
-def test_chat_session_calls_a_tool_and_continues_from_its_cache(default_model_dir, tmp_path):
+def test_chat_session_calls_a_tool_and_continues_from_its_cache(tokenizer_270m, tmp_path):
     """ChatSession with tools: a required call validates; its result goes back with send_tool_results,
     and the next reply processes only the result's turn (the call stays in the cache as generated)."""
     import jsonschema
@@ -115,7 +115,7 @@ def test_chat_session_calls_a_tool_and_continues_from_its_cache(default_model_di
     from test_server import make_tiny
     from test_structured import jsonish
 
-    model, tok = load(jsonish(make_tiny(default_model_dir / "tokenizer.model", tmp_path / "tiny-json")))
+    model, tok = load(jsonish(make_tiny(tokenizer_270m, tmp_path / "tiny-json")))
     chat = ChatSession(model, tok, system="You help with weather.", tools=[WEATHER], tool_choice="required",
                        parallel_tool_calls=False, max_tokens=40)
     list(chat.send("Oslo?"))
