@@ -311,20 +311,9 @@ def test_cli_generate_with_adapter_and_fused_convert(tiny, text, tmp_path):
 
 def tiny_with_tokenizer(tokenizer_model: Path, out: Path) -> Path:
     """tiny_v5's shape with the real tokenizer's vocabulary and random weights (window 6: replies pass it)."""
-    from mlx.utils import tree_flatten
+    from test_server import make_tiny
 
-    from gemma3_mlx.config import ModelConfig
-    from gemma3_mlx.model import Model
-
-    d = json.loads((FIXTURES / "tiny_v5" / "config.json").read_text())
-    d.update(vocab_size=262144, hidden_size=32, intermediate_size=64, max_position_embeddings=1024)
-    out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(d))
-    mx.random.seed(1)
-    model = Model(ModelConfig.from_dict(d))
-    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    shutil.copy(tokenizer_model, out / "tokenizer.model")
-    return out
+    return make_tiny(tokenizer_model, out, seed=1, sliding_window=6, max_position_embeddings=1024)
 
 
 def test_server_serves_adapters_by_name_in_one_batch(tokenizer_270m, tmp_path):

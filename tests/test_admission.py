@@ -10,17 +10,14 @@ All traffic goes to 127.0.0.1.
 import http.client
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
 import time
 
-import mlx.core as mx
 import pytest
 
 import gemma3_mlx
-from conftest import FIXTURES
 from test_server import free_port, make_tiny, wait_healthy
 
 
@@ -128,21 +125,8 @@ def test_a_waiting_request_whose_client_leaves_is_dropped(tiny):
 
 def make_heavy(tokenizer_model, out):
     """tiny_v5's layers (2 global of 8) with 16 KV heads of 256: 64 KB of KV per token, 4 bytes each."""
-    from mlx.utils import tree_flatten
-
-    from gemma3_mlx.config import ModelConfig
-    from gemma3_mlx.model import Model
-
-    d = json.loads((FIXTURES / "tiny_v5" / "config.json").read_text())
-    d.update(vocab_size=262144, hidden_size=32, intermediate_size=32, num_key_value_heads=16, num_attention_heads=16,
-             head_dim=256, sliding_window=32, max_position_embeddings=4096)
-    out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(d))
-    mx.random.seed(0)
-    model = Model(ModelConfig.from_dict(d))
-    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    shutil.copy(tokenizer_model, out / "tokenizer.model")
-    return out
+    return make_tiny(tokenizer_model, out, intermediate_size=32, num_key_value_heads=16, num_attention_heads=16,
+                     head_dim=256, max_position_embeddings=4096)
 
 
 def _peak_rss(pid: int) -> int:

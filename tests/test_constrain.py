@@ -23,7 +23,7 @@ from gemma3_mlx.engine import Engine
 from gemma3_mlx.tokenizer import Tokenizer
 from gemma3_mlx.settings import Sampling
 from gemma3_mlx.speculate import DraftModel, PromptLookup
-from test_engine import Pending, tiny_model
+from test_engine import Pending, run, tiny_model
 
 V = 262144
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
@@ -46,17 +46,6 @@ def vocab(tok):
 def model():
     """A random Gemma 3 with the real vocabulary's width."""
     return tiny_model(5, seed=3, vocab=V)
-
-
-def run(engine, uids):
-    got, finish = {u: [] for u in uids}, {}
-    while engine.has_work:
-        for e in engine.step():
-            if e.token is not None:
-                got[e.uid].append(e.token)
-            if e.finish_reason:
-                finish[e.uid] = e.finish_reason
-    return got, finish
 
 
 def replay(vocab, constraint, tokens, finish, stop_ids=(1, 106)):

@@ -54,8 +54,9 @@ def wait_healthy(port: int, proc=None, timeout: float = 120) -> None:
     raise RuntimeError("the server did not start")
 
 
-def make_tiny(tokenizer_model: Path, out: Path) -> Path:
-    """tiny_v5's shape with the real tokenizer's vocabulary, random weights, a 32-token window."""
+def make_tiny(tokenizer_model: Path, out: Path, seed: int = 0, **config) -> Path:
+    """tiny_v5's shape with the real tokenizer's vocabulary, random weights, a 32-token window;
+    `config` changes more of its config.json (test_admission's KV-heavy model, test_adapters' window)."""
     from mlx.utils import tree_flatten
 
     from gemma3_mlx.config import ModelConfig
@@ -63,9 +64,10 @@ def make_tiny(tokenizer_model: Path, out: Path) -> Path:
 
     d = json.loads((FIXTURES / "tiny_v5" / "config.json").read_text())
     d.update(vocab_size=262144, hidden_size=32, intermediate_size=64, sliding_window=32, max_position_embeddings=2048)
+    d.update(config)
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(d))
-    mx.random.seed(0)
+    mx.random.seed(seed)
     model = Model(ModelConfig.from_dict(d))
     mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
     shutil.copy(tokenizer_model, out / "tokenizer.model")
