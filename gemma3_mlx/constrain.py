@@ -218,6 +218,11 @@ def allowed(mask: np.ndarray, width: int) -> mx.array:
     return (bits & 1).astype(mx.bool_).reshape(mask.shape[0], -1)[:, :width]
 
 
+def masked(logits: mx.array, allowed: mx.array | None) -> mx.array:
+    """Refused tokens at -inf (before temperature and the filters: see sample.py for the order)."""
+    return logits if allowed is None else mx.where(allowed, logits, mx.array(float("-inf"), logits.dtype))
+
+
 def allows(mask_row: np.ndarray, token: int) -> bool:
     """Whether a host bitmask row allows `token`."""
     return bool((int(mask_row[token >> 5]) >> (token & 31)) & 1)

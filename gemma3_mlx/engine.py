@@ -379,7 +379,7 @@ class Engine:
     def _join(self, seq: _Sequence, logits: mx.array) -> None:
         if seq.sampler.uses_history:
             seq.history = mx.array(seq.prompt)
-        drawn = logits if seq.matcher is None else _masked(logits, self._masks([seq]))  # the snapshot keeps them whole
+        drawn = logits if seq.matcher is None else constrain.masked(logits, self._masks([seq]))  # the snapshot keeps them whole
         first = self.model.agree(seq.sampler(drawn, seq.history if seq.history is not None else ()))
         if seq.logprobs is not None:
             self._logprobs(logits, first, [seq])
@@ -464,7 +464,7 @@ class Engine:
         history = ()
         if seq.sampler.uses_history:
             history = seq.history = mx.array(seq.prompt + seq.tokens)
-        nxt = seq.sampler(logits if seq.matcher is None else _masked(logits, self._masks([seq])), history)
+        nxt = seq.sampler(logits if seq.matcher is None else constrain.masked(logits, self._masks([seq])), history)
         if seq.history is not None:
             seq.history = mx.concatenate([seq.history, nxt])
         self._merge(seq, nxt)
@@ -480,7 +480,7 @@ class Engine:
         """Queue each row's draw from `logits` (masked to `allowed` for constrained rows); returns the
         next tokens, lazily. `logprobs`: some row asked for log-probabilities (of the unmasked logits)."""
         rows = self.rows
-        raw, logits = logits, _masked(logits, allowed)
+        raw, logits = logits, constrain.masked(logits, allowed)
         if all(s.sampler.greedy for s in rows):
             new = self.model.agree(mx.argmax(logits, axis=-1))  # split across ranks: rank 0's tokens everywhere
         else:
@@ -600,11 +600,6 @@ class Engine:
             m.consume_token(drafts[i])
             kept.append(drafts[i])
         return kept, constrain.allowed(np.stack(rows), self.vocabulary.width)
-
-
-def _masked(logits: mx.array, allowed: mx.array | None) -> mx.array:
-    """Refused tokens at -inf (before temperature and the filters: see sample.py for the order)."""
-    return logits if allowed is None else mx.where(allowed, logits, mx.array(float("-inf"), logits.dtype))
 
 
 def _public(finish: str | None) -> str | None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .constrain import masked
 from .prompt_cache import PromptCache
 from .sample import Sampler
 
@@ -231,8 +232,7 @@ class _Round:
         """`logits` (n+1, V): the target's after `fed`. Keeps the agreed guesses plus one token of the
         target's, takes the rest back from the cache, updates the row's counters; returns the tokens out."""
         seq, drafts, n = self.seq, self.drafts, len(self.drafts)
-        if self.allowed is not None:
-            logits = mx.where(self.allowed, logits, mx.array(float("-inf"), logits.dtype))
+        logits = masked(logits, self.allowed)
         if seq.sampler.greedy:
             out = accept_greedy(logits, drafts)
         else:
