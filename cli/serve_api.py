@@ -163,14 +163,16 @@ def response_format(fmt: dict):
 
 
 def tool_use(body: dict):
-    """tools / tool_choice / parallel_tool_calls -> a ToolUse (None without tools)."""
+    """tools / tool_choice / parallel_tool_calls -> (a ToolUse, the grammar its replies are held to),
+    (None, None) without tools; anything that cannot run (a schema over the size bound included) a 400."""
     tools = body.get("tools")
     if tools is None or tools == []:
         if body.get("tool_choice") not in (None, "none", "auto"):
             raise _bad("tool_choice", "needs tools")
-        return None
+        return None, None
     try:
-        return ToolUse.from_request(tools, body.get("tool_choice"), body.get("parallel_tool_calls"))
+        use = ToolUse.from_request(tools, body.get("tool_choice"), body.get("parallel_tool_calls"))
+        return use, use.constraint()
     except (ToolError, ConstraintError) as e:
         raise ApiError(400, str(e), param="tools", code="invalid_value") from None
 
@@ -237,7 +239,7 @@ def chat_job(body: dict, model_names: tuple[str, ...], send, vision: bool) -> tu
     messages = _get(body, "messages", (list,), None)
     if not messages:
         raise ApiError(400, "messages: a non-empty array is required", param="messages", code="invalid_value")
-    tools = tool_use(body)
+    tools, held_to = tool_use(body)
     if tools is not None and opts["settings"].constraint is not None:
         raise _bad("response_format", "cannot be combined with tools (a call is already held to its schema)")
     images, texts = [], []
@@ -262,7 +264,7 @@ def chat_job(body: dict, model_names: tuple[str, ...], send, vision: bool) -> tu
     job = Job(send, messages=out, images=images, max_tokens=opts["max_tokens"], settings=opts["settings"],
               logprobs=logprobs)
     if tools is not None:
-        job.settings, opts["tools"] = job.settings.replace(constraint=tools.constraint()), tools
+        job.settings, opts["tools"] = job.settings.replace(constraint=held_to), tools
     return job, opts
 
 

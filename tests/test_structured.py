@@ -212,6 +212,8 @@ BAD = [
         "required": ["a"]}}}], "tool_choice": "required"}, "nsatisfiable"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "nope"),
     ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "cannot be combined"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "description": "d" * (1 << 20)}}}], "tool_choice": "required"}, "at most"),  # was a 500
 ]
 
 
