@@ -28,6 +28,7 @@ from .generate import (  # noqa: E402
     Completion, GenerationResponse, batch_generate, generate, generate_tokens, stream_batch, stream_generate,
 )
 from .loader import load, load_model, load_tokenizer  # noqa: E402
+from . import forward  # noqa: E402  (a forward pass with images, pipeline stages, the head where needed)
 from .model import Model  # noqa: E402
 from .models import cache_dir, ensure_default_model, resolve  # noqa: E402
 from .image import ImageError, load_image, preprocess_image  # noqa: E402
@@ -44,6 +45,6 @@ __all__ = [
     "Completion", "Constraint", "ConstraintError", "Sampling", "ToolError", "ToolUse", "Engine", "Event", "STOP_IDS", "Sampler", "Stats", "batch_generate", "stream_batch",
     "ChatSession", "ConfigError", "ConversionError", "Gemma3Error", "GenerationResponse", "Model", "ModelConfig",
     "ImageError", "load_image", "preprocess_image", "ModelFileError", "PromptCache", "PromptCacheError", "StreamingDetokenizer", "TextConfig", "Tokenizer", "cache_dir",
-    "ensure_default_model", "generate", "generate_tokens", "load", "load_model", "load_tokenizer",
+    "ensure_default_model", "forward", "generate", "generate_tokens", "load", "load_model", "load_tokenizer",
     "make_sampler", "prompt_ids", "resolve", "stream_generate",
 ]

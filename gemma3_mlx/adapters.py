@@ -24,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import shard
 from .errors import Gemma3Error
 from .files import read_json
 from .safetensors_io import SafetensorsFile
@@ -306,7 +307,7 @@ def attach(model, adapters: list[Adapter], default: str | None = None, dtype: mx
     """Wrap every module some adapter targets; `default`: the adapter a PromptCache uses unless told."""
     if getattr(model, "adapters", None) is not None:
         raise AdapterError("this model already has adapters attached")
-    if model.group is not None:
+    if shard.group_of(model) is not None:
         raise AdapterError("adapters do not run split across ranks (--parallel)")
     names = [a.name for a in adapters]
     if len(set(names)) != len(names):

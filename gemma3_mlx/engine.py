@@ -24,7 +24,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from . import constrain
+from . import constrain, forward, shard
 from .adapters import select
 from .cache import ROLLBACK
 from .prefill import Fill, feed_rows, plan, run_rows
@@ -180,7 +180,7 @@ class Engine:
         steps = cache.prefill_steps(prompt, self.prefill_chunk, images)
         if draft is not None and logprobs is not None:
             raise ValueError("logprobs are not reported while speculating")
-        if draft is not None and self.model.group is not None:
+        if draft is not None and shard.group_of(self.model) is not None:
             raise ValueError("speculative decoding does not run split across ranks (--parallel)")
         rollback = self.cache_args["rollback"]
         speculation = None if draft is None else Speculation(draft, max(1, min(draft_tokens, rollback)), rollback)
@@ -380,7 +380,7 @@ class Engine:
         if seq.sampler.uses_history:
             seq.history = mx.array(seq.prompt)
         drawn = logits if seq.matcher is None else constrain.masked(logits, self._masks([seq]))  # the snapshot keeps them whole
-        first = self.model.agree(seq.sampler(drawn, seq.history if seq.history is not None else ()))
+        first = shard.agree(self.model, seq.sampler(drawn, seq.history if seq.history is not None else ()))
         if seq.logprobs is not None:
             self._logprobs(logits, first, [seq])
             seq.lp_pending, seq.lp_next = seq.lp_next, None
@@ -472,7 +472,7 @@ class Engine:
     def _forward(self) -> mx.array:
         """Queue one forward pass for every row from the pending (lazy) tokens: logits (B, V)."""
         select(self.model, [s.cache.adapter for s in self.rows])  # each row's LoRA adapter (or none)
-        logits = self.model(self.pending[:, None], self.layers, logits="last")[:, -1, :]
+        logits = forward.logits(self.model, self.pending[:, None], self.layers)[:, -1, :]  # one token per row
         mx.async_eval(logits)
         return logits
 
@@ -482,9 +482,9 @@ class Engine:
         rows = self.rows
         raw, logits = logits, constrain.masked(logits, allowed)
         if all(s.sampler.greedy for s in rows):
-            new = self.model.agree(mx.argmax(logits, axis=-1))  # split across ranks: rank 0's tokens everywhere
+            new = shard.agree(self.model, mx.argmax(logits, axis=-1))  # split across ranks: rank 0's tokens everywhere
         else:
-            new = self.model.agree(mx.concatenate([s.sampler(logits[i : i + 1], s.history if s.history is not None
+            new = shard.agree(self.model, mx.concatenate([s.sampler(logits[i : i + 1], s.history if s.history is not None
                                                              else ()) for i, s in enumerate(rows)]))
             for i, s in enumerate(rows):
                 if s.history is not None:

@@ -1,7 +1,7 @@
 """Images for Gemma 3's vision tower: load, pan & scan, resize and normalize, as transformers does.
 
 `preprocess_image` turns one image into the (1 + crops, S, S, 3) float32 mx.array the SigLIP encoder
-takes (channels-last, MLX's convolution layout; `model(ids, pixel_values=...)` accepts it as is) and `image_prompt_text` the words that introduce
+takes (channels-last, MLX's convolution layout; `forward.logits(model, ids, pixels=...)` accepts it as is) and `image_prompt_text` the words that introduce
 the crops. Pixels match transformers' Gemma3ImageProcessor (PIL backend): transparency composited
 onto white, PIL bilinear resize of 8-bit pixels, then x / 127.5 - 1. Images under 2 pixels on a side are refused
 (the reference would stretch one pixel over the whole frame). This module does not encode images, tokenize, or place image tokens.
@@ -142,7 +142,7 @@ def preprocess_image(
     min_ratio: float = 1.2,
 ) -> tuple[mx.array, int]:
     """The image then its pan & scan crops, each stretched to S x S: ((1 + crops, S, S, 3) float32, crops),
-    ready for `model(input_ids, pixel_values=pixels)`.
+    ready for `forward.logits(model, input_ids, pixels=pixels)`.
 
     `config` is a ModelConfig (S = config.vision.image_size) or the size S itself.
     """

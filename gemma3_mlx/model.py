@@ -1,8 +1,10 @@
-"""The Gemma 3 decoder in MLX: `model(input_ids, cache=...) -> logits`.
+"""The Gemma 3 decoder in MLX: `model(input_ids, cache) -> logits`, plain.
 
 Five local (sliding-window) layers for every global one, QK-norm, `(1 + w)` RMSNorms, two
 RoPE bases, tied output head. Sizes come from the config alone (270M to 27B). This module
-does no I/O and no sampling; loading lives in loader.py, the vision tower in vision.py.
+does no I/O and no sampling and knows nothing of processes: loading lives in loader.py, the
+vision tower in vision.py, placing images and choosing where the head runs in forward.py,
+splitting across ranks in shard.py.
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ import mlx.nn as nn
 from .cache import ROLLBACK, KVCache, QuantizedKVCache, WindowCache
 from .config import ModelConfig, TextConfig
 from .norm import RMSNorm
-from .shard import agree, check_tensor, pipeline, shard_tensor
-from .vision import Projector, VisionTower, encode_images
+from .vision import Projector, VisionTower
 
 
 class Attention(nn.Module):
@@ -164,51 +165,44 @@ def with_image_blocks(mask: mx.array | None, spans, L: int) -> mx.array | None:
 
 
 class Model(nn.Module):
-    """Gemma 3 causal LM. `logits`: "all" positions, the "last" only (generation), "none", or
-    "hidden" (the final hidden states; `head(h)` turns chosen positions into logits)."""
+    """Gemma 3 causal LM: `model(input_ids, cache) -> logits` (B, L, vocab), for text.
+
+    Its parts, for callers that need more than that (forward.py composes them): `embed(ids)` the token
+    embeddings, `blocks(h, cache, image_spans)` the decoder layers and final norm, `head(h)` the tied
+    output head on whichever positions the caller chooses."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.group = None  # the distributed group after shard() or pipeline()
-        self.stage = None  # this rank's pipeline stage (shard.Stage) after pipeline()
         self.model = TextModel(config.text)
         if config.vision is not None:
             self.vision_tower = VisionTower(config.vision)
             self.multi_modal_projector = Projector(config)
 
-    def encode_images(self, pixel_values: mx.array) -> mx.array:
-        """(N, H, W, 3) preprocessed images -> (N, mm_tokens_per_image, hidden) soft-token embeddings."""
-        if self.config.vision is None:
-            raise ValueError("this model has no vision tower (a text-only Gemma 3)")
-        if self.group is None:
-            return encode_images(self.vision_tower, self.multi_modal_projector, pixel_values)
-        # Split across ranks: one rank holds the tower (rank 0, or the first pipeline stage).
-        shape = (pixel_values.shape[0], self.config.mm_tokens_per_image, self.config.text.hidden_size)
-        if "vision_tower" in self:
-            feats = encode_images(self.vision_tower, self.multi_modal_projector, pixel_values).astype(mx.float32)
-        else:
-            feats = mx.zeros(shape, mx.float32)
-        if self.stage is not None:
-            return feats  # only the first stage embeds: the others never read these
-        return mx.distributed.all_sum(feats, group=self.group)  # tensor parallel: rank 0's, exactly, everywhere
+    def __call__(self, input_ids: mx.array, cache: list | None = None) -> mx.array:
+        """(B, L) token ids run on top of `cache` (one per layer, from `make_cache`; a fresh one when None,
+        which is a sequence of its own) -> logits (B, L, vocab). Images: forward.logits."""
+        if cache is None:
+            cache = self.make_cache()
+        return self.head(self.blocks(self.embed(input_ids), cache))
 
-    def embed(self, input_ids: mx.array, image_features: mx.array | None, spans=None) -> mx.array:
+    def embed(self, input_ids: mx.array) -> mx.array:
+        """Token embeddings (B, L, hidden), scaled. An image's soft tokens get row 0 here (the soft token may
+        lie past the table); forward.place_images puts the image features in their place."""
         image_token = self.config.image_token_index
-        ids = input_ids
         if self.config.vision is not None and image_token >= self.config.text.vocab_size:
-            ids = mx.where(ids == image_token, 0, ids)  # the soft token may lie past the table
-        h = self.model.embed(ids)
-        if image_features is None:
-            return h
-        # Soft tokens take the projected image features, in order, not scaled by sqrt(hidden).
-        feats = image_features.reshape(-1, h.shape[-1])
-        n = sum(b - a for a, b in spans or ())
-        if input_ids.shape[0] != 1 or n != feats.shape[0]:
-            raise ValueError(f"{n} image tokens in the prompt but {feats.shape[0]} image features (batch 1)")
-        pos = mx.concatenate([mx.arange(a, b) for a, b in spans])
-        h[0, pos] = feats.astype(h.dtype)
-        return h
+            input_ids = mx.where(input_ids == image_token, 0, input_ids)
+        return self.model.embed(input_ids)
+
+    def blocks(self, h: mx.array, cache: list, image_spans=None, norm: bool = True) -> mx.array:
+        """The decoder layers over embeddings `h` (B, L, hidden) -> final-norm hidden states. `image_spans`:
+        [start, end) of each image in this chunk (its soft tokens also see each other); `norm`: apply the
+        final norm (not on a pipeline stage that passes its output on)."""
+        return self.model(h, cache, image_spans, norm)
+
+    def head(self, h: mx.array) -> mx.array:
+        # The output head is tied to the embedding matrix.
+        return self.model.embed_tokens.as_linear(h)
 
     def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64, value_bits: int | None = None,
                    max_context: int | None = None, rollback: int = ROLLBACK) -> list:
@@ -222,69 +216,5 @@ class Model(nn.Module):
                 return KVCache(max_context)
             return QuantizedKVCache(kv_bits, value_bits or kv_bits, kv_group_size, max_context)
 
-        # This rank's layers only, once split by pipeline().
+        # This rank's layers only, once split by shard.pipeline().
         return [WindowCache(t.sliding_window, rollback) if layer.is_local else global_cache() for layer in self.model.own_layers()]
-
-    def __call__(self, input_ids: mx.array, cache: list | None = None, *, pixel_values: mx.array | None = None,
-                 image_features: mx.array | None = None, image_spans=None, logits: str = "all") -> mx.array | None:
-        """input_ids: (B, L), with each image already expanded to its soft tokens; pixel_values:
-        (N, H, W, 3) for the N images in order (or their `image_features` from `encode_images`);
-        `image_spans`: [start, end) of each image in this chunk, when the caller knows them (found
-        from the ids otherwise, which reads them back from the device). An image block must not be
-        split across calls (prompt_cache.py keeps them whole)."""
-        if cache is None:
-            cache = self.make_cache()
-        if pixel_values is not None:
-            image_features = self.encode_images(pixel_values)
-        if image_spans is None and image_features is not None:
-            image_spans = image_spans_of(input_ids[0].tolist(), self.config.image_token_index)
-        stage = self.stage
-        if stage is None or stage.first:
-            h = self.embed(input_ids, image_features, image_spans)
-        else:  # a later pipeline stage: the previous stage's output, (B, L, hidden)
-            h = stage.receive((*input_ids.shape, self.config.text.hidden_size), self.model.norm.weight.dtype)
-        h = self.model(h, cache, image_spans, norm=stage is None or stage.last)
-        if stage is not None and not stage.last:
-            stage.pass_on(h)
-            if logits == "none":
-                return None
-            # Only rank 0 has logits; these stand in (never computed): every rank goes on with agree()'s tokens.
-            B, L = input_ids.shape
-            width = self.config.text.hidden_size if logits == "hidden" else self.config.text.vocab_size
-            return mx.broadcast_to(mx.zeros((1, 1, 1), h.dtype), (B, 1 if logits == "last" else L, width))
-        if logits == "none":
-            return None
-        if logits == "hidden":  # final-norm hidden states (B, L, D): apply `head` where needed
-            return h
-        if logits == "last":
-            h = h[:, -1:, :]
-        return self.head(h)
-
-    def head(self, h: mx.array) -> mx.array:
-        # The output head is tied to the embedding matrix.
-        return self.model.embed_tokens.as_linear(h)
-
-    # ------------------------------------------------------------------ across several processes (shard.py)
-
-    def shard(self, group: mx.distributed.Group) -> "Model":
-        """Tensor parallel over `group`, in place: each rank keeps 1/N of the heads, of the MLP and of the
-        vocabulary; rank 0 alone keeps the vision tower (images are encoded there and broadcast)."""
-        groups = {m.group_size for layer in self.model.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)
-                  if hasattr(m, "group_size")}
-        check_tensor(self.config.text, group.size(), groups)
-        shard_tensor(self, group)
-        if group.rank() != 0 and "vision_tower" in self:
-            del self.vision_tower, self.multi_modal_projector
-        self.group = group
-        return self
-
-    def pipeline(self, group: mx.distributed.Group, weights=None) -> "Model":
-        """Pipeline parallel over `group`, in place: this rank keeps its run of layers, in proportion to
-        `weights` (one per rank, e.g. each one's memory; equal when None). Rank 0 has the last layers."""
-        self.stage = pipeline(self, group, weights)
-        self.group = group
-        return self
-
-    def agree(self, tokens: mx.array) -> mx.array:
-        """The sampled tokens every rank continues with: rank 0's (the engine calls this once per step)."""
-        return tokens if self.group is None else agree(tokens, self.group, computed=self.stage is None)

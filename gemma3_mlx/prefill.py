@@ -19,6 +19,7 @@ import copy
 
 import mlx.core as mx
 
+from . import forward
 from .adapters import select
 from .cache import WindowCache
 from .prompt_cache import PromptCache
@@ -64,14 +65,14 @@ def run_rows(model, fills: list[Fill], length: int) -> list[mx.array | None]:
     layers = _merged([f.cache.layers for f in fills])
     select(model, [f.cache.adapter for f in fills])
     ids = mx.array([c + [PAD] * p for c, p in zip(chunks, pads)])
-    h = model(ids, layers, logits="hidden" if any(finishing) else "none")  # (B, L, D): final-norm states
+    logits = None
+    if any(finishing):  # the head at each row's last real position: (B, V)
+        logits = forward.logits(model, ids, layers, at=mx.array([len(c) - 1 for c in chunks]))[:, 0, :]
+    else:
+        forward.hidden(model, ids, layers)
     if any(pads):
         for c in layers:
             c.trim(pads)
-    logits = None
-    if any(finishing):
-        last = h[mx.arange(B), mx.array([len(c) - 1 for c in chunks])]  # each row's last real position
-        logits = model.head(last[:, None, :])[:, 0, :]  # (B, V)
     out = []
     for i, f in enumerate(fills):
         f.cache.layers = [c.select([i]) for c in layers]
@@ -125,7 +126,7 @@ def feed_rows(model, caches: list[PromptCache], chunks: list[list[int]]) -> list
     pads = [L - len(c) for c in chunks]
     layers = _merged([pc.layers for pc in caches])
     select(model, [pc.adapter for pc in caches])
-    logits = model(mx.array([c + [PAD] * p for c, p in zip(chunks, pads)]), layers, logits="all")  # (B, L, V)
+    logits = forward.logits(model, mx.array([c + [PAD] * p for c, p in zip(chunks, pads)]), layers)  # (B, L, V)
     if any(pads):
         for c in layers:
             c.trim(pads)

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from . import forward
 from .adapters import adapter_id, resolve, select
 from .cache import ROLLBACK, KVCache, QuantizedKVCache, WindowCache
 from .errors import Gemma3Error, TokenIdError
@@ -167,8 +168,12 @@ class PromptCache:
     def _run(self, ids, logits="last", image_features=None, image_spans=None):
         try:
             select(self.model, [self.adapter])
-            out = self.model(mx.array(ids)[None], self.layers, logits=logits, image_features=image_features,
-                             image_spans=image_spans)
+            x = mx.array(ids)[None]
+            if logits == "none":
+                out = None
+                forward.hidden(self.model, x, self.layers, image_features, image_spans)  # only the caches' updates
+            else:
+                out = forward.logits(self.model, x, self.layers, at=logits, features=image_features, spans=image_spans)
         except BaseException:  # e.g. Ctrl-C halfway through the layers: take back what some layers took
             self.realign()
             raise
@@ -196,7 +201,7 @@ class PromptCache:
         """Soft-token embeddings of one image block, encoded once per content (LRU of 16)."""
         key = _image_key(pixels)
         if key not in self._encoded:
-            self._encoded[key] = self.model.encode_images(mx.array(pixels)[None])[0]
+            self._encoded[key] = forward.encode_images(self.model, mx.array(pixels)[None])[0]
             while len(self._encoded) > 16:
                 del self._encoded[next(iter(self._encoded))]
         return self._encoded[key]

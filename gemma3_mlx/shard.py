@@ -104,8 +104,31 @@ class VocabShardedEmbedding(nn.Module):
         return mx.moveaxis(mx.distributed.all_gather(mx.moveaxis(y, -1, 0), group=self.group), 0, -1)
 
 
+def group_of(model) -> mx.distributed.Group | None:
+    """The group `model` is split across (by `tensor` or `pipeline`); None for a model in one process."""
+    return getattr(model, "group", None)
+
+
+def stage_of(model) -> "Stage | None":
+    """This rank's pipeline stage of `model`; None unless `pipeline` split it."""
+    return getattr(model, "stage", None)
+
+
+def tensor(model, group: mx.distributed.Group) -> None:
+    """Tensor parallel over `group`, in place: each rank keeps 1/N of the heads, of the MLP and of the
+    vocabulary; rank 0 alone keeps the vision tower (images are encoded there and broadcast)."""
+    groups = {m.group_size for layer in model.model.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)
+              if hasattr(m, "group_size")}
+    check_tensor(model.config.text, group.size(), groups)
+    shard_tensor(model, group)
+    if group.rank() != 0 and "vision_tower" in model:
+        del model.vision_tower, model.multi_modal_projector
+    model.group = group
+
+
 def shard_tensor(model, group: mx.distributed.Group) -> None:
-    """Split `model` (a Model, loaded or just built) across `group`, in place: see the module docstring."""
+    """Split `model`'s layers and embedding (a Model, loaded or just built) across `group`, in place: see the
+    module docstring. `tensor` also checks the split and places the vision tower."""
     N, r = group.size(), group.rank()
     text = model.model
     for layer in text.layers:
@@ -170,10 +193,25 @@ class Stage:
         self.sent = mx.distributed.send(h, self.rank - 1, group=self.group)
         mx.async_eval(self.sent)
 
+    def run(self, model, ids: mx.array, cache: list, embed, image_spans=None) -> mx.array | None:
+        """This stage's part of one forward pass over `ids` (B, L): `embed()` (the first stage) or the
+        previous stage's states, then this rank's layers. Returns the final-norm hidden states on the last
+        stage (rank 0); the others pass theirs on and return None."""
+        if self.first:
+            h = embed()
+        else:
+            h = self.receive((*ids.shape, model.config.text.hidden_size), model.model.norm.weight.dtype)
+        h = model.blocks(h, cache, image_spans, norm=self.last)
+        if self.last:
+            return h
+        self.pass_on(h)
+        return None
+
 
 def pipeline(model, group: mx.distributed.Group, weights=None) -> Stage:
-    """Keep only this rank's layers of `model` (loaded or just built), in place; returns its Stage.
-    `weights`: one number per rank (its memory); equal shares when None."""
+    """Pipeline parallel over `group`, in place: keep only this rank's run of layers of `model` (loaded or
+    just built), in proportion to `weights` (one number per rank, e.g. its memory; equal shares when
+    None). Rank 0 has the last layers. Returns this rank's Stage (also `stage_of(model)`)."""
     N, r = group.size(), group.rank()
     text = model.model
     start, end = split_layers(model.config.text.is_local, weights or [1] * N)[r]
@@ -185,10 +223,29 @@ def pipeline(model, group: mx.distributed.Group, weights=None) -> Stage:
         del text.embed_tokens  # a middle stage neither embeds nor has the head
     if not stage.first and model.config.vision is not None:
         del model.vision_tower, model.multi_modal_projector  # the first stage embeds the images
+    model.stage, model.group = stage, group
     return stage
 
 
-def agree(tokens: mx.array, group: mx.distributed.Group, computed: bool = True) -> mx.array:
+def image_features(model, pixels: mx.array, encode) -> mx.array:
+    """`encode(pixels)` on the rank that holds the vision tower, for a split model: tensor parallel sums
+    rank 0's features with the others' zeros (exactly rank 0's, everywhere); in a pipeline only the first
+    stage embeds, so the others' zeros are never read."""
+    shape = (pixels.shape[0], model.config.mm_tokens_per_image, model.config.text.hidden_size)
+    feats = encode(pixels).astype(mx.float32) if "vision_tower" in model else mx.zeros(shape, mx.float32)
+    if stage_of(model) is not None:
+        return feats
+    return mx.distributed.all_sum(feats, group=group_of(model))
+
+
+def agree(model, tokens: mx.array) -> mx.array:
+    """The sampled tokens every rank continues with: rank 0's (the engine calls this once per step); the
+    tokens themselves for a model in one process."""
+    group = group_of(model)
+    return tokens if group is None else agree_in(tokens, group, computed=stage_of(model) is None)
+
+
+def agree_in(tokens: mx.array, group: mx.distributed.Group, computed: bool = True) -> mx.array:
     """Rank 0's tokens, on every rank: every rank runs the same steps, so the same tokens must go in.
     `computed`: the other ranks still compute their own (discarded) tokens, because the all-reduces
     inside the forward pass that made them must run on every rank (tensor parallel); a pipeline stage
@@ -315,10 +372,10 @@ class Plan:
         if quantize:
             quantize(model)
         if self.mode == "tensor":
-            model.shard(self.group)
+            tensor(model, self.group)
         else:
-            model.pipeline(self.group, self.weights)
+            pipeline(model, self.group, self.weights)
 
 
-__all__ = ["OnPaper", "Plan", "Stage", "VocabShardedEmbedding", "agree", "kv_heads", "pipeline", "shard_tensor", "split_layers",
-           "traffic"]
+__all__ = ["OnPaper", "Plan", "Stage", "VocabShardedEmbedding", "agree", "agree_in", "group_of", "image_features", "kv_heads",
+           "pipeline", "shard_tensor", "split_layers", "stage_of", "tensor", "traffic"]

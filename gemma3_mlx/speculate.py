@@ -136,7 +136,7 @@ class DraftModel:
                         history = mx.concatenate([history, t])
                 toks.append(t)
                 if i < k - 1:
-                    logits = self.model(t[None], pc.layers, logits="last")[:, -1, :]
+                    logits = self.model(t[None], pc.layers)[:, -1, :]  # a draft is never split across ranks
             values = mx.concatenate(toks).tolist()
         except BaseException:
             pc.realign()

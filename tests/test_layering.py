@@ -160,13 +160,26 @@ def test_lazy_allow_list_is_current():
     assert set(LAZY) == used, f"LAZY entries no import needs any more (remove them): {sorted(set(LAZY) - used)}"
 
 
-@pytest.mark.xfail(path_to("gemma3_mlx.model", lambda n: n in ("gemma3_mlx.shard", "gemma3_mlx.distributed"))
-                   is not None, strict=True,
-                   reason="issue 26: Model.__call__ still drives pipeline stages and tensor-parallel agreement "
-                          "(model.py imports shard); shard/distributed are to drive the model instead")
 def test_the_model_knows_nothing_of_distribution():
     path = path_to("gemma3_mlx.model", lambda n: n in ("gemma3_mlx.shard", "gemma3_mlx.distributed"))
     assert path is None, "model.py reaches the distributed code: " + " -> ".join(path)
+
+
+def test_the_model_call_is_plain_ids_and_cache_to_logits():
+    """`Model.__call__(input_ids, cache)`: no images, output modes or pipeline arguments (forward.py has
+    those), and nothing in model.py reads a group, a stage or the vision encoder's entry point."""
+    import inspect
+
+    from gemma3_mlx.model import Model
+
+    assert list(inspect.signature(Model.__call__).parameters) == ["self", "input_ids", "cache"]
+    names = {n.attr if isinstance(n, ast.Attribute) else n.id if isinstance(n, ast.Name) else n.arg
+             for n in ast.walk(ast.parse(MODULES["gemma3_mlx.model"].read_text()))
+             if isinstance(n, (ast.Attribute, ast.Name, ast.arg))}
+    assert {"make_cache", "embed_tokens", "QuantizedKVCache"} <= names  # the walk sees the module's code
+    found = names & {"group", "stage", "agree", "pixel_values", "image_features", "encode_images", "all_sum", "send",
+                     "recv", "distributed", "logits"}
+    assert not found, f"model.py uses {sorted(found)}"
 
 
 SAMPLING = ("temp", "top_k", "top_p", "min_p", "repetition_penalty", "seed")

@@ -7,6 +7,7 @@ import gemma3_mlx  # noqa: F401
 import mlx.core as mx
 
 from conftest import FIXTURES
+from gemma3_mlx import forward
 from gemma3_mlx.cache import ROLLBACK, KVCache, WindowCache, kv_bytes
 from gemma3_mlx.generate import generate_tokens
 from gemma3_mlx.prompt_cache import PromptCache
@@ -24,7 +25,7 @@ def chunked_logits(model, ids, chunk, cache, positions=None):
     out = []
     for s in range(0, len(ids), chunk):
         want = positions[(positions >= s) & (positions < s + chunk)] - s
-        h = model(x[:, s : s + chunk], cache, logits="hidden" if len(want) else "none")
+        h = forward.hidden(model, x[:, s : s + chunk], cache)
         if len(want):
             out.append(np.array(model.head(h[0, mx.array(want)])))
         mx.eval([c.state for c in cache])

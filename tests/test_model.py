@@ -4,6 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from gemma3_mlx import forward
 from gemma3_mlx.cache import ROLLBACK, KVCache, WindowCache
 from gemma3_mlx.prompt_cache import PromptCache
 from gemma3_mlx.loader import load_model
@@ -55,11 +56,22 @@ def test_chunked_prefill_matches_full_forward_at_every_chunk_size(tiny_dirs, nam
         assert np.abs(last - full[0, -1]).max() <= 1e-5, chunk
 
 
-def test_output_head_only_for_last_position(tiny_dirs):
+def test_output_head_only_where_the_caller_asks(tiny_dirs):
+    """forward.logits runs the head on the last position, or on one position per row, and gives what the
+    plain call gives there; forward.hidden runs no head at all (its states are the head's input)."""
     model = load_model(tiny_dirs["tiny_v5"], dtype="float32")
-    ids, _ = reference("tiny_v5")
-    assert model(ids, logits="last").shape == (2, 1, model.config.text.vocab_size)
-    assert model(ids, logits="none") is None
+    ids, want = reference("tiny_v5")  # transformers' logits, (2, L, V)
+    V = model.config.text.vocab_size
+    last = np.array(forward.logits(model, ids, at="last"))
+    assert last.shape == (2, 1, V) and np.abs(last[:, 0] - want[:, -1]).max() <= 1e-4
+    at = mx.array([3, ids.shape[1] - 2])
+    picked = np.array(forward.logits(model, ids, at=at))
+    assert np.abs(picked[:, 0] - want[[0, 1], [3, ids.shape[1] - 2]]).max() <= 1e-4
+    h = forward.hidden(model, ids, model.make_cache())
+    assert h.shape == (*ids.shape, model.config.text.hidden_size)
+    assert np.abs(np.array(model.head(h)) - want).max() <= 1e-4
+    with pytest.raises(ValueError, match="at:"):
+        forward.logits(model, ids, at="first")
 
 
 def test_make_cache_kinds_and_nbytes(tiny_dirs):

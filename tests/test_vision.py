@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from gemma3_mlx import forward
 from gemma3_mlx.config import ModelConfig
 from gemma3_mlx.safetensors_io import SafetensorsFile
 from gemma3_mlx.vision import Projector, VisionTower, encode_images, sanitize_vision
@@ -162,12 +163,12 @@ def test_a_checkpoint_with_siglips_pooling_head_loads_and_matches(tmp_path, pref
         warnings.simplefilter("ignore")  # no tokenizer in the tiny checkpoint
         convert(src, tmp_path / "out", dtype="float32")
     for d in (src, tmp_path / "out"):  # loaded as it is, and converted
-        out = np.array(load_model(d, dtype="float32")(ids, pixel_values=pixels))
+        out = np.array(forward.logits(load_model(d, dtype="float32"), ids, pixels=pixels))
         assert np.abs(out - ref["one_image.logits"]).max() <= 1e-4
 
 
 def test_preprocess_image_feeds_the_model_as_documented():
-    """The README's lines: `pixels, n = preprocess_image(...)`, then `model(input_ids, pixel_values=pixels)`."""
+    """The README's lines: `pixels, n = preprocess_image(...)`, then `forward.logits(model, input_ids, pixels=pixels)`."""
     from gemma3_mlx import preprocess_image
     from gemma3_mlx.loader import load_model
 
@@ -176,7 +177,7 @@ def test_preprocess_image_feeds_the_model_as_documented():
     input_ids = mx.array(ref["one_image.input_ids"])
     pixels, n = preprocess_image(FIXTURES / "images" / "rgb.png", model.config)
     assert n == 0 and pixels.shape == (1, 56, 56, 3)
-    logits = model(input_ids, pixel_values=pixels)
+    logits = forward.logits(model, input_ids, pixels=pixels)
     assert logits.shape == (1, input_ids.shape[1], 320)
     # The picture preprocessed independently, here: Pillow's bilinear resize to 56x56, scaled to [-1, 1], the
     # recipe of transformers' Gemma3ImageProcessor (which gives test_image.py's recorded pixels exactly).
@@ -184,6 +185,6 @@ def test_preprocess_image_feeds_the_model_as_documented():
 
     mine = Image.open(FIXTURES / "images" / "rgb.png").convert("RGB").resize((56, 56), Image.BILINEAR)
     mine = mx.array((np.asarray(mine, np.float32) / 127.5 - 1)[None])
-    assert np.abs(np.array(logits) - np.array(model(input_ids, pixel_values=mine))).max() < 1e-5
+    assert np.abs(np.array(logits) - np.array(forward.logits(model, input_ids, pixels=mine))).max() < 1e-5
     other, _ = preprocess_image(FIXTURES / "images" / "wide.png", model.config)
-    assert np.abs(np.array(logits) - np.array(model(input_ids, pixel_values=other))).max() > 1e-3  # the image counts
+    assert np.abs(np.array(logits) - np.array(forward.logits(model, input_ids, pixels=other))).max() > 1e-3  # the image counts

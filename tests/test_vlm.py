@@ -11,6 +11,7 @@ import gemma3_mlx  # noqa: F401
 import mlx.core as mx
 
 from conftest import FIXTURES
+from gemma3_mlx import forward
 from gemma3_mlx import model as model_module
 from gemma3_mlx.convert import convert
 from gemma3_mlx.loader import load_model
@@ -43,7 +44,7 @@ def vlm_dirs(tmp_path_factory):
 def test_logits_match_transformers(vlm_dirs, src, name):
     model = load_model(vlm_dirs[src], dtype="float32")
     ids, pixels = inputs(name)
-    out = np.array(model(ids, pixel_values=pixels))
+    out = np.array(forward.logits(model, ids, pixels=pixels))
     assert np.abs(out - REF[f"{name}.logits"]).max() <= 1e-4
 
 
@@ -67,9 +68,9 @@ def test_image_attention_is_bidirectional_within_an_image(vlm_dirs, monkeypatch)
     the two differ, so the comparison can tell them apart."""
     model = load_model(vlm_dirs["f32"], dtype="float32")
     ids, pixels = inputs("one_image")
-    ours = np.array(model(ids, pixel_values=pixels))
+    ours = np.array(forward.logits(model, ids, pixels=pixels))
     monkeypatch.setattr(model_module, "with_image_blocks", lambda mask, spans, L: mask)
-    causal = np.array(model(ids, pixel_values=pixels))
+    causal = np.array(forward.logits(model, ids, pixels=pixels))
     assert np.abs(ours - REF["one_image.logits"]).max() <= 1e-4
     assert np.abs(causal - REF["one_image.logits_causal"]).max() <= 1e-4
     assert np.abs(ours - causal).max() > 0.1
@@ -113,7 +114,7 @@ def test_vision_tower_stays_float_when_text_is_quantized(vlm_dirs):
     assert not any(n.startswith(("vision_tower", "multi_modal_projector")) and n.endswith(".scales") for n in names)
     model = load_model(vlm_dirs["q8"], dtype="float32")
     ids, pixels = inputs("one_image")
-    out = np.array(model(ids, pixel_values=pixels))
+    out = np.array(forward.logits(model, ids, pixels=pixels))
     ref = REF["one_image.logits"]
     assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
@@ -133,6 +134,6 @@ def test_vision_tower_quantized_to_8_bits_on_request(tmp_path, dequantize):
     assert "vision_tower.embeddings.patch_embedding.scales" not in names
     model = load_model(r.out, dtype="float32", dequantize=dequantize)
     ids, pixels = inputs("one_image")
-    feats = np.array(model.encode_images(pixels))
+    feats = np.array(forward.encode_images(model, pixels))
     ref = REF["features"][PROMPTS["one_image"]["images"]]
     assert np.abs(feats - ref).max() < 0.05 * np.abs(ref).max()
