@@ -18,7 +18,6 @@ import json
 import socket
 import uuid
 
-import mlx.core as mx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -32,7 +31,9 @@ from ..constrain import ConstraintError
 from . import serve_api as api
 from . import serve_ollama_routes
 from . import serve_page
-from .serve_worker import SPECULATIVE, Worker
+from .serve_metrics import prometheus
+from .serve_start import SPECULATIVE
+from .serve_worker import Worker
 
 MAX_BODY = 25 << 20  # bytes: a few images as base64
 
@@ -109,7 +110,7 @@ class _Request:
     def start(self, job) -> None:
         self.job = job
         if not self.worker.submit(job):
-            raise api.ApiError(503, f"the server is busy ({self.worker.max_pending} requests in flight); "
+            raise api.ApiError(503, f"the server is busy ({self.worker.queue.max_in_flight} requests in flight); "
                                     "try again shortly", code="queue_full")
         self.watch = asyncio.ensure_future(self._disconnected())
 
@@ -232,7 +233,7 @@ def make_app(worker: Worker, model_names: tuple[str, ...], *, api_key: str | Non
 
     async def metrics(request: Request):
         authorize(request)
-        return PlainTextResponse(prometheus(worker), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(prometheus(worker.metrics), media_type="text/plain; version=0.0.4")
 
     async def api_error(request, e: api.ApiError):
         return _error(e, request)
@@ -317,37 +318,6 @@ async def _whole(req: _Request, shapes: api.Shapes, tools=None):
                 return _error(api.ApiError(item[1], item[2]))
     finally:
         req.close()
-
-
-def prometheus(worker: Worker) -> str:
-    c, g = worker.counters, worker.gauges
-    rows = [
-        ("requests_total", "counter", "Requests admitted to the engine.", c["requests"]),
-        ("requests_rejected_total", "counter", "Requests refused because the queue was full.", c["rejected"]),
-        ("requests_failed_total", "counter", "Requests that ended in an error.", c["errors"]),
-        ("requests_cancelled_total", "counter", "Requests whose client went away.", c["cancelled"]),
-        ("prompt_tokens_total", "counter", "Prompt tokens of finished requests.", c["prompt_tokens"]),
-        ("cached_prompt_tokens_total", "counter", "Prompt tokens that came from the cache.", c["cached_tokens"]),
-        ("generated_tokens_total", "counter", "Tokens generated.", c["generated_tokens"]),
-        ("speculative_requests_total", "counter", "Requests that started speculating.", c["speculative_requests"]),
-        ("draft_tokens_total", "counter", "Speculative tokens proposed.", c["draft_tokens"]),
-        ("draft_accepted_tokens_total", "counter", "Speculative tokens the model kept.", c["accepted_tokens"]),
-        ("queue_depth", "gauge", "Requests waiting for a row in the batch.", g["queue_depth"]),
-        ("active_sequences", "gauge", "Sequences in the batch.", g["active_sequences"]),
-        ("kv_cache_bytes", "gauge", "KV cache memory: running sequences and the cache pool.", g["kv_bytes"]),
-        ("kv_reserved_bytes", "gauge", "KV cache the admitted requests may grow to (their worst case).",
-         g.get("kv_reserved_bytes", 0)),
-        ("kv_budget_bytes", "gauge", "Memory for KV caches (running and pooled) on this machine.",
-         g.get("kv_budget_bytes", 0)),
-        ("cache_pool_bytes", "gauge", "Memory of the idle conversation caches.", g["pool_bytes"]),
-        ("cache_pool_entries", "gauge", "Idle conversation caches.", g["pool_entries"]),
-        ("mlx_active_memory_bytes", "gauge", "Memory MLX holds in arrays.", mx.get_active_memory()),
-        ("mlx_cache_memory_bytes", "gauge", "Memory MLX keeps for reuse.", mx.get_cache_memory()),
-    ]
-    out = []
-    for name, kind, help_, value in rows:
-        out += [f"# HELP gemma3_{name} {help_}", f"# TYPE gemma3_{name} {kind}", f"gemma3_{name} {value}"]
-    return "\n".join(out) + "\n"
 
 
 def page_url(host: str, sock: socket.socket) -> str:

@@ -19,7 +19,7 @@ from ..constrain import Constraint, ConstraintError
 from ..prompt import MARKER
 from ..settings import Sampling
 from ..tools import ToolError, ToolUse, chat_messages
-from .serve_worker import Job
+from .serve_queue import Job
 
 IMAGE_PART = MARKER  # where an image part stood in a message's text
 

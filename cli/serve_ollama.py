@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from ..constrain import Constraint, ConstraintError
 from ..settings import Sampling
 from .serve_api import IMAGE_PART, ROLES, ApiError, join_turns
-from .serve_worker import Job
+from .serve_queue import Job
 
 VERSION = "0.12.0"  # the Ollama API version this follows (clients check it for features)
 NDJSON = b"application/x-ndjson"

@@ -75,7 +75,7 @@ def test_reservations_bound_the_real_cache_and_requests_wait_their_turn(tiny):
         time.sleep(0.001)
     assert [jobs.end(i)[:2] for i in range(3)] == [("done", "length")] * 3
     assert waited >= 1 and seen and all(used <= reserved for used, reserved in seen)
-    assert a.reserved == 0 and not a.rows and not a.waiting and tiny.pending == 0
+    assert a.reserved == 0 and not a.rows and not a.waiting and tiny.queue.in_flight == 0
     assert tiny.pool.bytes <= a.budget  # what the pool keeps fits beside nothing running
 
 
@@ -105,7 +105,7 @@ def test_a_waiting_request_whose_client_leaves_is_dropped(tiny):
     ids = tiny.tokenizer.apply_chat_template([{"role": "user", "content": "Go on."}])
     a.budget = a.batch_bytes([len(ids) + 300])
     jobs = Jobs(tiny)
-    before = dict(tiny.counters)
+    before = dict(tiny.metrics.counters)
     jobs.submit(0, "Go on.", max_tokens=300)
     _, waiting = jobs.submit(1, "Go on.", max_tokens=300)
     end = time.time() + 30
@@ -115,9 +115,9 @@ def test_a_waiting_request_whose_client_leaves_is_dropped(tiny):
     tiny.cancel(waiting)
     jobs.wait([0])
     time.sleep(0.05)
-    assert jobs.answers[1] == [] and not a.waiting and tiny.pending == 0
-    assert tiny.counters["cancelled"] - before["cancelled"] == 1
-    assert tiny.counters["requests"] - before["requests"] == 1  # it never reached the engine
+    assert jobs.answers[1] == [] and not a.waiting and tiny.queue.in_flight == 0
+    assert tiny.metrics.counters["cancelled"] - before["cancelled"] == 1
+    assert tiny.metrics.counters["requests"] - before["requests"] == 1  # it never reached the engine
 
 
 # ---------------------------------------------------------------------- `gemma3 serve` under GEMMA3_MLX_MEMORY

@@ -225,7 +225,7 @@ def test_clients_that_leave_mid_stream_free_their_rows(server):
         c.sock.shutdown(socket.SHUT_RDWR)
         c.close()
 
-    before = server.worker.counters["cancelled"]
+    before = server.worker.metrics.counters["cancelled"]
     threads = [threading.Thread(target=leave_after, args=(
         ("/v1/chat/completions", chat(f"Go on {i}.", max_tokens=1500, stream=True), 4) if i % 2 else
         ("/api/generate", {"model": "tiny-chat", "prompt": f"Go on {i}.", "options": {"num_predict": 1500}}, 2)))
@@ -235,11 +235,11 @@ def test_clients_that_leave_mid_stream_free_their_rows(server):
     for t in threads:
         t.join(60)
     end = time.time() + 10
-    while server.worker.gauges["active_sequences"] or server.worker.pending:
+    while server.worker.metrics.gauges["active_sequences"] or server.worker.queue.in_flight:
         assert time.time() < end, "rows were not freed"
         time.sleep(0.01)
-    assert server.worker.counters["cancelled"] - before == 8
-    assert server.worker.counters["generated_tokens"] < 8 * 1500
+    assert server.worker.metrics.counters["cancelled"] - before == 8
+    assert server.worker.metrics.counters["generated_tokens"] < 8 * 1500
     status, got = server.send("/v1/chat/completions", chat("after them"))
     assert status == 200 and got["choices"][0]["finish_reason"] == "length"
 

@@ -156,13 +156,13 @@ def test_models_health_and_typed_errors(tiny):
     assert status == 413
     status, _ = tiny.raw("GET", "/v1/models", headers={"Authorization": "Bearer test-kez"})
     assert status == 401
-    saved, tiny.worker.max_pending = tiny.worker.max_pending, 0
+    saved, tiny.worker.queue.max_in_flight = tiny.worker.queue.max_in_flight, 0
     try:
         with pytest.raises(openai.InternalServerError) as e:
             tiny.chat("hi", max_tokens=1)
         assert e.value.status_code == 503
     finally:
-        tiny.worker.max_pending = saved
+        tiny.worker.queue.max_in_flight = saved
     assert tiny.chat("hi", max_tokens=2).choices[0].finish_reason == "length"  # still serving
 
 
@@ -279,14 +279,14 @@ def test_eight_concurrent_streams_each_equal_alone(tiny):
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads):
-        seen_batch.append(tiny.worker.gauges["active_sequences"])
+        seen_batch.append(tiny.worker.metrics.gauges["active_sequences"])
         time.sleep(0.002)
     assert together == alone
     assert max(seen_batch) >= 4  # they really decoded together
 
 
 def _until_idle(tiny, start: float) -> float:
-    while tiny.worker.gauges["active_sequences"] > 0:
+    while tiny.worker.metrics.gauges["active_sequences"] > 0:
         assert time.perf_counter() - start < 5
         time.sleep(0.001)
     return time.perf_counter() - start
@@ -296,7 +296,7 @@ def _hang_up_streaming(tiny) -> float:
     stream = tiny.chat("Go on forever.", max_tokens=1500, stream=True)
     for _, _ in zip(stream, range(4)):
         pass
-    assert tiny.worker.gauges["active_sequences"] == 1
+    assert tiny.worker.metrics.gauges["active_sequences"] == 1
     t0 = time.perf_counter()
     stream.close()
     return _until_idle(tiny, t0)
@@ -306,7 +306,7 @@ def _hang_up_waiting(tiny) -> float:
     c = http.client.HTTPConnection("127.0.0.1", tiny.port)
     body = json.dumps({"model": tiny.name, "messages": [{"role": "user", "content": "Wait."}], "max_tokens": 1500})
     c.request("POST", "/v1/chat/completions", body, {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
-    while tiny.worker.gauges["active_sequences"] == 0:
+    while tiny.worker.metrics.gauges["active_sequences"] == 0:
         time.sleep(0.002)
     time.sleep(0.05)
     t0 = time.perf_counter()
