@@ -55,9 +55,8 @@ class Job:
     # the model thread's bookkeeping
     uid: int | None = None
     cache: object = None
-    stream: TextStream | None = None  # tokens -> text, stop strings cut
-    tokens: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
+    stream: TextStream | None = None  # the reply: its tokens, and their text with stop strings cut
+    text: list[str] = field(default_factory=list)  # the text sent so far, piece by piece
     done: bool = False
     number: int | None = None  # split across ranks: its place in rank 0's order, the same on every rank
 

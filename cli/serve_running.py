@@ -71,7 +71,6 @@ class Running:
             return
         out, lps = "", None
         if ev.token is not None and ev.finish_reason != "stop":
-            job.tokens.append(ev.token)
             out = job.stream.add(ev.token)
             if job.logprobs is not None:
                 lps = [(ev.token, ev.logprob, ev.top_logprobs)]
@@ -84,7 +83,7 @@ class Running:
         if finish:
             job.done = True
             s = ev.stats
-            usage = {"prompt_tokens": s.prompt_tokens, "completion_tokens": len(job.tokens),
+            usage = {"prompt_tokens": s.prompt_tokens, "completion_tokens": len(job.stream.tokens),
                      "cached_tokens": s.prompt_tokens - s.prefill_tokens}
             job.send(("done", finish, usage))
             if ev.finish_reason:
@@ -99,7 +98,7 @@ class Running:
         self.counters["cached_tokens"] += s.prompt_tokens - s.prefill_tokens
         self.counters["draft_tokens"] += s.draft_tokens
         self.counters["accepted_tokens"] += s.accepted_tokens
-        self.counters["generated_tokens"] += len(job.tokens)
+        self.counters["generated_tokens"] += len(job.stream.tokens)
         if cancelled:
             self.counters["cancelled"] += 1
         elif job.messages is not None:  # the reply's tokens up to a stop string: what the next turn sends back
