@@ -23,8 +23,7 @@ from array import array
 from collections import OrderedDict
 
 from .adapters import resolve
-from .cache import WindowCache
-from .prompt_cache import PromptCache, _copy
+from .prompt_cache import PromptCache
 
 MIN_FORK = 32  # tokens: a shorter shared prefix (a BOS, a chat header) is not worth a fork
 
@@ -63,34 +62,7 @@ def kept_prefix(pc: PromptCache, ids: list[int]) -> int:
 def _reach(pc: PromptCache, ids: list[int]) -> tuple[int, int]:
     """(common prefix, what of it the cache can give back exactly)."""
     common = common_prefix(pc.tokens, ids)
-    drop = len(pc.tokens) - common
-    if drop == 0 or all(c.can_trim() >= drop for c in pc.layers if isinstance(c, WindowCache)):
-        return common, common
-    return common, max((s for s in pc.snapshots if s <= common), default=0)
-
-
-def fork(pc: PromptCache, n: int) -> PromptCache:
-    """A new cache holding the first n tokens of `pc` (n: a snapshot point, or within what its rings
-    can take back), `pc` left as it is: global layers by slice, rings copied (MLX writes a slice in
-    place only into the array object written to, and a fork's objects are its own)."""
-    new = PromptCache(pc.model, max_snapshots=pc.max_snapshots, adapter=pc.adapter, **pc.cache_args)
-    saved = pc.snapshots.get(n)
-    drop = len(pc.tokens) - n
-    for c, src, ring in zip(new.layers, pc.layers, saved[0] if saved else [None] * len(pc.layers)):
-        if not isinstance(c, WindowCache):
-            c.restore({k: v[..., :n, :] for k, v in src.state.items()}, n)
-        elif saved is not None:
-            c.restore(_copy(ring), n)
-        else:
-            c.restore(_copy(src.state), len(pc.tokens))
-            c.trim(drop)
-    new.tokens = pc.tokens[:n]
-    new.images = [blk for blk in pc.images if blk[1] <= n]
-    new._encoded = dict(pc._encoded)
-    if saved is not None:  # the fork keeps the branch point (and the logits there, for a regenerated reply)
-        new.snapshots[n] = saved
-        new.branches.add(n)
-    return new
+    return common, pc.reach(common)
 
 
 class CachePool:
@@ -133,7 +105,7 @@ class CachePool:
         elif best is not None and kept >= min(MIN_FORK, len(ids) - 1):
             self.forks += 1
             self.idle.move_to_end(best)  # shared: recently used
-            out = fork(self.idle[best][0], kept)
+            out = self.idle[best][0].fork(kept)
         else:
             self.misses += 1
             out = PromptCache(self.model, **self.cache_args, adapter=adapter)

@@ -28,7 +28,7 @@ from . import constrain, forward, shard
 from .adapters import select
 from .cache import ROLLBACK
 from .prefill import Fill, feed_rows, plan, run_rows
-from .prompt_cache import PromptCache, check_ids
+from .prompt_cache import Prompt, PromptCache
 from .sample import Sampler
 from .settings import DEFAULT, Sampling
 from .speculate import Speculation, run_round, run_rounds
@@ -175,9 +175,9 @@ class Engine:
             raise ValueError(f"this cache holds adapter {cache.adapter!r}'s keys and values, not {adapter!r}'s")
         elif cache.cache_args != self.cache_args and (self.rows or self.waiting or self.max_batch > 1):
             raise ValueError(f"this cache was made with {cache.cache_args}, the engine batches {self.cache_args}")
-        prompt = [int(t) for t in prompt]
-        check_ids(prompt, self.model.config)
-        steps = cache.prefill_steps(prompt, self.prefill_chunk, images)
+        checked = Prompt(prompt, self.model.config, images)  # the one check of the request's ids and images
+        prompt = checked.ids
+        steps = cache.prefill_steps(checked, self.prefill_chunk)
         if draft is not None and logprobs is not None:
             raise ValueError("logprobs are not reported while speculating")
         if draft is not None and shard.group_of(self.model) is not None:
@@ -186,6 +186,7 @@ class Engine:
         speculation = None if draft is None else Speculation(draft, max(1, min(draft_tokens, rollback)), rollback)
         seq = _Sequence(next(self._uids), prompt, cache, sampler or settings.sampler(), max_tokens, stop_ids,
                         logprobs, steps, speculation, matcher)
+        seq.checked = checked
         self.waiting.append(seq)
         return seq.uid
 
@@ -327,7 +328,7 @@ class Engine:
             for seq in group:
                 if seq.fill is None:
                     try:
-                        seq.fill = Fill(seq.cache, seq.prompt)
+                        seq.fill = Fill(seq.cache, seq.checked)
                     except BaseException:
                         self.waiting.remove(seq)
                         raise
@@ -530,8 +531,9 @@ class Engine:
         for i, finish in leaving:
             seq = self.rows[i]
             seq.matcher = None
-            seq.cache.layers = self.layers if len(self.rows) == 1 else [c.select([i]) for c in self.layers]
-            seq.cache.tokens = seq.prompt + seq.tokens  # every token read was also fed
+            # every token read was also fed
+            seq.cache.hand_back(self.layers if len(self.rows) == 1 else [c.select([i]) for c in self.layers],
+                                seq.prompt + seq.tokens)
             if finish == "stop":
                 seq.cache.trim(1)  # the stop token is not part of the conversation
             seq.cache.snapshot()  # end of the reply: the next turn (or an edit of it) starts here

@@ -58,8 +58,8 @@ def run_rows(model, fills: list[Fill], length: int) -> list[mx.array | None]:
     finishing = [f.pos + len(c) == len(f.ids) for f, c in zip(fills, chunks)]
     if len(fills) == 1:  # one row: the PromptCache's own path, exactly as a prompt alone
         f = fills[0]
-        out = f.cache._run(chunks[0], "last" if finishing[0] else "none")  # it adds the tokens itself
-        return [_advance(f, len(chunks[0]), out, ran=True)]
+        out = f.cache.feed(chunks[0], "last" if finishing[0] else "none")
+        return [_advance(f, len(chunks[0]), out)]
     B, L = len(fills), max(len(c) for c in chunks)
     pads = [L - len(c) for c in chunks]
     layers = _merged([f.cache.layers for f in fills])
@@ -74,19 +74,17 @@ def run_rows(model, fills: list[Fill], length: int) -> list[mx.array | None]:
         for c in layers:
             c.trim(pads)
     out = []
-    for i, f in enumerate(fills):
-        f.cache.layers = [c.select([i]) for c in layers]
-        out.append(_advance(f, len(chunks[i]), logits[i : i + 1] if finishing[i] else None))
+    for i, (f, c) in enumerate(zip(fills, chunks)):
+        f.cache.hand_back([x.select([i]) for x in layers], f.cache.tokens + c)
+        out.append(_advance(f, len(c), logits[i : i + 1] if finishing[i] else None))
     return out
 
 
-def _advance(f: Fill, n: int, logits, ran: bool = False):
-    pc = f.cache
-    if not ran:
-        pc.tokens.extend(f.ids[f.pos : f.pos + n])
+def _advance(f: Fill, n: int, logits):
+    """The row's cache now holds n more of its prompt's tokens."""
     f.pos += n
-    if f.pos in pc.marks:
-        pc.snapshot()  # a branch point: other conversations may start from here
+    if f.pos in f.cache.marks:
+        f.cache.snapshot()  # a branch point: other conversations may start from here
     return logits
 
 
@@ -131,6 +129,5 @@ def feed_rows(model, caches: list[PromptCache], chunks: list[list[int]]) -> list
         for c in layers:
             c.trim(pads)
     for i, (pc, chunk) in enumerate(zip(caches, chunks)):
-        pc.layers = [c.select([i]) for c in layers]
-        pc.tokens.extend(chunk)
+        pc.hand_back([c.select([i]) for c in layers], pc.tokens + chunk)
     return [logits[i, : len(c)] for i, c in enumerate(chunks)]

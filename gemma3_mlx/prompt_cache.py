@@ -35,6 +35,26 @@ def check_ids(ids: list[int], config) -> None:
         raise TokenIdError(f"token id {bad:,} is outside the model's vocabulary (0 to {vocab - 1:,})")
 
 
+class Prompt:
+    """A prompt checked once against a model: its ids (ints, each in the vocabulary, within the context),
+    the [start, end) span of each image block, one preprocessed image per block and each block's content
+    key. The engine checks a request's prompt once, at submit, and hands this to the cache as it is."""
+
+    def __init__(self, ids, config, images: list | None = None):
+        self.ids = [int(t) for t in ids]
+        if not self.ids:
+            raise ValueError("the prompt is empty")
+        check_ids(self.ids, config)
+        limit = config.text.max_position_embeddings
+        if len(self.ids) >= limit:
+            raise ValueError(f"the prompt has {len(self.ids)} tokens: more than the model's context of {limit}")
+        self.spans = image_spans_of(self.ids, config.image_token_index) if config.vision else []
+        self.images = list(images or [])
+        if len(self.images) != len(self.spans):
+            raise ValueError(f"the prompt has {len(self.spans)} image blocks but {len(self.images)} images were given")
+        self.blocks = [(a, b, _image_key(img)) for (a, b), img in zip(self.spans, self.images)]
+
+
 class PromptCacheError(Gemma3Error):
     """A prompt cache file that is unreadable or belongs to another model."""
 
@@ -89,7 +109,8 @@ class PromptCache:
         self.cache_args = {"kv_bits": kv_bits, "kv_group_size": kv_group_size, "value_bits": value_bits,
                            "rollback": rollback}
         self.layers = model.make_cache(**self.cache_args)
-        self.tokens: list[int] = []
+        self.tokens: list[int] = []  # what every layer holds (the one invariant: PromptCache's methods keep it)
+        self._unread = 0  # tokens run by feed_unread, not yet in `tokens`
         self.snapshots: dict[int, list] = {}
         self.max_snapshots = max_snapshots
         self.reprocessed = 0  # tokens the last prefill() had to run (for stats and tests)
@@ -120,13 +141,24 @@ class PromptCache:
             del self.snapshots[min(plain)]
         self.branches &= self.snapshots.keys()
 
+    def reach(self, n: int) -> int:
+        """What `rewind(n)` would keep, without doing it: n itself (at most the length) when the rings
+        can take the rest back, else the nearest snapshot point at or before n (0: none)."""
+        if n >= len(self.tokens):
+            return len(self.tokens)
+        if self._rings_can(len(self.tokens) - n):
+            return n
+        return max((s for s in self.snapshots if s <= n), default=0)
+
+    def _rings_can(self, drop: int) -> bool:
+        return all(c.can_trim() >= drop for c in self.layers if isinstance(c, WindowCache))
+
     def rewind(self, n: int) -> int:
-        """Roll back to at most n tokens; returns the length actually kept (n itself when the rings
-        can take the tokens back, else the nearest snapshot point before n)."""
+        """Roll back to at most n tokens; returns the length actually kept (`reach(n)`)."""
         if n >= len(self.tokens):
             return len(self.tokens)
         drop = len(self.tokens) - n
-        if all(c.can_trim() >= drop for c in self.layers if isinstance(c, WindowCache)):
+        if self._rings_can(drop):
             for c in self.layers:
                 c.trim(drop)
             keep = n
@@ -157,15 +189,11 @@ class PromptCache:
         target = self.tokens[: len(self.tokens) - k]
         kept = self.rewind(len(target))
         if kept < len(target):
-            self._run(target[kept:], logits="none")
+            self.feed(target[kept:], logits="none")
 
-    def feed(self, ids: list[int], logits: str = "last", image_features: mx.array | None = None,
-             image_spans=None):
-        """Run ids through the model on top of the cache: logits of the last position (1, V), of every
-        position (L, V) with logits="all", or None with "none"."""
-        return self._run(ids, logits, image_features, image_spans)
-
-    def _run(self, ids, logits="last", image_features=None, image_spans=None):
+    def feed(self, ids: list[int], logits: str = "last", image_features: mx.array | None = None, image_spans=None):
+        """Run ids through the model on top of the cache, which then holds them too: logits of the last
+        position (1, V), of every position (L, V) with logits="all", or None with "none"."""
         try:
             select(self.model, [self.adapter])
             x = mx.array(ids)[None]
@@ -182,11 +210,61 @@ class PromptCache:
             return None
         return out[0] if logits == "all" else out[:, -1, :]  # (L, V) for "all", else (1, V)
 
+    def feed_unread(self, token: mx.array) -> mx.array:
+        """Run one token the host has not read back yet ((1,) ints, e.g. a draft's guess) on top of the
+        cache: the logits after it (1, V), queued. `settle(values)` adds the tokens once read; until then
+        `tokens` lags the layers (an exception in between: `realign`)."""
+        try:
+            out = self.model(token[None], self.layers)[:, -1, :]
+        except BaseException:
+            self.realign()
+            raise
+        self._unread += 1
+        return out
+
+    def settle(self, values: list[int]) -> None:
+        """The tokens `feed_unread` ran, read back (as many, in order): `tokens` holds what the layers hold."""
+        if len(values) != self._unread:
+            raise ValueError(f"{len(values)} tokens read back for {self._unread} run")
+        self.tokens.extend(int(t) for t in values)
+        self._unread = 0
+
+    def hand_back(self, layers: list, tokens: list[int]) -> None:
+        """Take back this cache's layers after a batch ran them (the engine's rows, batched prefill),
+        holding exactly `tokens`: every layer must hold as many."""
+        held = {c.offset for c in layers}
+        if held != {len(tokens)}:
+            raise AssertionError(f"layers holding {sorted(held)} tokens handed back for {len(tokens)} tokens")
+        self.layers, self.tokens, self._unread = layers, list(tokens), 0
+
+    def fork(self, n: int) -> "PromptCache":
+        """A new cache holding the first n tokens of this one (n: a snapshot point, or within what its
+        rings can take back), this one left as it is: global layers by slice, rings copied (MLX writes a
+        slice in place only into the array object written to, and a fork's objects are its own)."""
+        new = PromptCache(self.model, max_snapshots=self.max_snapshots, adapter=self.adapter, **self.cache_args)
+        saved = self.snapshots.get(n)
+        drop = len(self.tokens) - n
+        for c, src, ring in zip(new.layers, self.layers, saved[0] if saved else [None] * len(self.layers)):
+            if not isinstance(c, WindowCache):
+                c.restore({k: v[..., :n, :] for k, v in src.state.items()}, n)
+            elif saved is not None:
+                c.restore(_copy(ring), n)
+            else:
+                c.restore(_copy(src.state), len(self.tokens))
+                c.trim(drop)
+        new.tokens = self.tokens[:n]
+        new.images = [blk for blk in self.images if blk[1] <= n]
+        new._encoded = dict(self._encoded)
+        if saved is not None:  # the fork keeps the branch point (and the logits there, for a regenerated reply)
+            new.snapshots[n] = saved
+            new.branches.add(n)
+        return new
+
     def realign(self) -> None:
         """Make every layer hold exactly `tokens` again after an interrupted step. A chunk longer than
         the rings can take back, interrupted halfway through the layers, sends the cache back to its
         last snapshot (a prefix of `tokens`: the next prefill re-processes the rest)."""
-        n = len(self.tokens)
+        n, self._unread = len(self.tokens), 0
         over = [c for c in self.layers if c.offset > n]
         if all(not isinstance(c, WindowCache) or c.can_trim() >= c.offset - n for c in over):
             for c in over:
@@ -228,7 +306,7 @@ class PromptCache:
             inside = [(blk, img) for blk, img in zip(blocks, images) if a <= blk[0] < b]
             feats = mx.concatenate([self._features(img) for _, img in inside]) if inside else None
             last = i == len(bounds) - 1
-            out = self._run(ids[a:b], "last" if last else "none", feats, [(x - a, y - a) for x, y, _ in
+            out = self.feed(ids[a:b], "last" if last else "none", feats, [(x - a, y - a) for x, y, _ in
                                                                             (blk for blk, _ in inside)])
             self.images += [blk for blk, _ in inside]
             if b in self.marks:
@@ -238,22 +316,14 @@ class PromptCache:
                 yield None
         yield out
 
-    def begin(self, ids: list[int], images: list | None = None):
-        """Check a prompt and roll the cache back to what it keeps of it. Returns (ids, start, image
-        spans, image blocks, images, logits): `logits` are the saved last-position logits when the
-        whole prompt is cached (nothing to run; regenerating a reply), else None and ids[start:] must run."""
-        ids = [int(t) for t in ids]
-        if not ids:
-            raise ValueError("the prompt is empty")
-        check_ids(ids, self.model.config)
-        limit = self.model.config.text.max_position_embeddings
-        if len(ids) >= limit:
-            raise ValueError(f"the prompt has {len(ids)} tokens: more than the model's context of {limit}")
-        spans = image_spans_of(ids, self.model.config.image_token_index) if self.model.config.vision else []
-        images = list(images or [])
-        if len(images) != len(spans):
-            raise ValueError(f"the prompt has {len(spans)} image blocks but {len(images)} images were given")
-        blocks = [(a, b, _image_key(img)) for (a, b), img in zip(spans, images)]
+    def begin(self, prompt, images: list | None = None):
+        """Roll the cache back to what it keeps of `prompt` (a Prompt, or ids and their `images`, checked
+        here). Returns (ids, start, image spans, image blocks, images, logits): `logits` are the saved
+        last-position logits when the whole prompt is cached (nothing to run; regenerating a reply), else
+        None and ids[start:] must run."""
+        if not isinstance(prompt, Prompt):
+            prompt = Prompt(prompt, self.model.config, images)
+        ids, spans, blocks, images = prompt.ids, prompt.spans, prompt.blocks, prompt.images
         common = 0
         for x, y in zip(self.tokens, ids):
             if x != y:

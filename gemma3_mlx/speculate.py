@@ -136,12 +136,12 @@ class DraftModel:
                         history = mx.concatenate([history, t])
                 toks.append(t)
                 if i < k - 1:
-                    logits = self.model(t[None], pc.layers)[:, -1, :]  # a draft is never split across ranks
+                    logits = pc.feed_unread(t)
             values = mx.concatenate(toks).tolist()
         except BaseException:
             pc.realign()
             raise
-        pc.tokens.extend(values[:-1])  # the last guess was never fed
+        pc.settle(values[:-1])  # the last guess was never fed
         return values, (mx.concatenate(qs) if qs else None)
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ import mlx.core as mx
 import pytest
 
 import gemma3_mlx
-from gemma3_mlx.cache_pool import CachePool, fork
+from gemma3_mlx.cache_pool import CachePool
 from gemma3_mlx.cli.serve_worker import Job, Worker
 from gemma3_mlx.prompt_cache import PromptCache
 from test_server import make_tiny
@@ -88,7 +88,7 @@ def test_a_fork_continues_exactly_and_leaves_its_source_untouched(tiny):
     a.snapshot(a_logits)
     before = {i: {k: mx.array(v) for k, v in c.state.items()} for i, c in enumerate(a.layers)}
 
-    b = fork(a, mark)  # from the branch point's snapshot (the rings have moved on since)
+    b = a.fork(mark)  # from the branch point's snapshot (the rings have moved on since)
     assert b.tokens == a_ids[:mark] and mark in b.branches
     b_logits = b.prefill(b_ids)
     assert b.reprocessed == len(b_ids) - mark

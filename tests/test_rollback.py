@@ -151,3 +151,24 @@ def test_a_long_chunk_interrupted_halfway_through_the_layers_falls_back_to_a_sna
     assert all(c.offset == len(pc.tokens) for c in pc.layers) and pc.tokens == ids[: len(pc.tokens)]
     got = np.array(pc.prefill(ids))
     assert np.abs(got - scratch(model, ids, 1, None)[:, -1]).max() <= 1e-5
+
+
+def test_the_cache_keeps_tokens_and_layers_together(model):
+    """PromptCache owns "its tokens are what its layers hold": layers handed back for other tokens are
+    refused, tokens run unread count once settled, and a cache handed back goes on like a fresh one."""
+    ids = ids_of(12, 3)
+    fresh = PromptCache(model)
+    want = np.array(fresh.feed(ids))  # logits after all 12, run in one piece
+    pc = PromptCache(model)
+    pc.feed(ids[:9])
+    with pytest.raises(AssertionError, match="holding \\[9\\] tokens handed back for 8"):
+        pc.hand_back(pc.layers, ids[:8])
+    for t in ids[9:11]:
+        pc.feed_unread(mx.array([t]))
+    assert len(pc.tokens) == 9
+    with pytest.raises(ValueError, match="1 tokens read back for 2 run"):
+        pc.settle(ids[9:10])
+    pc.settle(ids[9:11])
+    assert pc.tokens == ids[:11]
+    pc.hand_back(pc.layers, ids[:11])
+    assert np.abs(np.array(pc.feed(ids[11:])) - want).max() <= 1e-5
