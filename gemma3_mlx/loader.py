@@ -143,9 +143,32 @@ class Checkpoint:
 
     @classmethod
     def read(cls, path: str | Path) -> "Checkpoint":
+        """The directory's config and headers. The last directory read is remembered while its files stay
+        as they were (names, sizes, modification times): the cache's damage check (models.problem) and
+        the load right after it read the directory once."""
         path = Path(path)
+        key = _signature(path)
+        if key is not None and _LAST.get(key) is not None:
+            return _LAST[key]
         config = load_config(path)
-        return cls(path, config, tuple(SafetensorsFile(f) for f in checkpoint_files(path)))
+        checkpoint = cls(path, config, tuple(SafetensorsFile(f) for f in checkpoint_files(path)))
+        _LAST.clear()
+        if key is not None:
+            _LAST[key] = checkpoint
+        return checkpoint
+
+
+_LAST: dict = {}  # the last Checkpoint read, under its directory's signature
+
+
+def _signature(path: Path):
+    """What a directory's config and headers depend on: each json/safetensors file's name, size and
+    modification time (None when it cannot be listed)."""
+    try:
+        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors"))
+        return str(path.resolve()), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    except OSError:
+        return None
 
 
 def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize: bool | None = None, *,

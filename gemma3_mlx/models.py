@@ -26,9 +26,8 @@ import mlx.core as mx
 
 from ._atomic import make_temp_dir, publish, replace_file, sweep
 from .errors import ConversionError, Gemma3Error, ModelFileError
-from .loader import load, load_config
+from .loader import Checkpoint, load
 from .names import looks_like_hub_id, looks_local
-from .safetensors_io import SafetensorsFile, checkpoint_files
 
 DEFAULT_MODEL = "gemma-3-270m"
 HUB_RECIPE = "balanced"
@@ -53,14 +52,11 @@ def problem(path: Path) -> str | None:
     """Why a converted model directory cannot be used (None: it looks whole). Reads config.json and
     the safetensors headers only (milliseconds): truncated or missing weights, a bad config."""
     try:
-        config = load_config(path)
-        if config.quantization is not None and not isinstance(config.quantization, dict):
-            return f"config.json: \"quantization\" must be an object, not {config.quantization!r}"
-        files = checkpoint_files(path)
-        if not files:
+        c = Checkpoint.read(path)  # remembered: the load that follows reads nothing again
+        if c.config.quantization is not None and not isinstance(c.config.quantization, dict):
+            return f"config.json: \"quantization\" must be an object, not {c.config.quantization!r}"
+        if not c.files:
             return "no weights (*.safetensors)"
-        for f in files:
-            SafetensorsFile(f)
     except (Gemma3Error, ValueError, TypeError, KeyError, OSError) as e:
         return " ".join(str(e).split()) or type(e).__name__
     return None

@@ -90,3 +90,31 @@ def test_instruction_tuned_is_recorded_and_read_back():
     assert c.instruction_tuned is False and c.to_dict()["instruction_tuned"] is False
     assert ModelConfig.from_dict(c.to_dict()).instruction_tuned is False
     assert "instruction_tuned" not in ModelConfig.from_dict({"model_type": "gemma3_text"}).to_dict()  # unknown
+
+
+def test_a_load_reads_config_and_headers_once(tiny_dirs, tmp_path, monkeypatch):
+    """The cache's damage check and the load after it share one read of config.json and the weight
+    headers; a directory whose files changed since is read again (and a damaged one is caught)."""
+    import builtins
+    import shutil
+
+    from gemma3_mlx import models
+    from gemma3_mlx.loader import Checkpoint, load
+
+    d = shutil.copytree(tiny_dirs["tiny_v5"], tmp_path / "m")
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
+    assert models.problem(d) is None
+    with pytest.warns(UserWarning, match="no tokenizer.model"):  # the tiny fixture has none
+        load(Checkpoint.read(d))
+    assert sum(f.endswith("config.json") for f in opened) == 1
+    assert sum(f.endswith(".safetensors") for f in opened) == 1
+    first = Checkpoint.read(d)
+    assert Checkpoint.read(d) is first
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))  # the same config, another file
+    assert Checkpoint.read(d) is not first
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-16])  # truncated since
+    assert "truncated" in models.problem(d)
