@@ -16,6 +16,8 @@ Parts (`--parts`, comma separated; default all):
             ours batch 1.
   depth     (c) 270M single-sequence decode after a 4K-token prompt (also reports that prefill).
   prefill   (d) 270M prefill of a 512-token prompt (also reports decode at that depth).
+  head      (e) ours only: the share of a 270M float32 decode step (batch 1, after a 64-token prompt) spent
+            in the tied 262,144 x 640 output head, each timed alone, best of 8 (no peer: a share, not a ratio).
 
 How each tool is driven (nothing of mlx-lm's loop is rewritten here):
   single sequence: ours `gemma3_mlx.generate_tokens(model, ids, max_tokens=N, stop_ids=())`, mlx-lm
@@ -53,7 +55,7 @@ import gemma3_mlx  # first: loads OpenBLAS for MLX's CPU backend (mlx-lm then be
 import mlx.core as mx
 import numpy as np
 
-PARTS = ("overhead", "batch", "depth", "prefill")
+PARTS = ("overhead", "batch", "depth", "prefill", "head")
 TINY_CONFIG = {  # transformers 4 schema, read alike by both tools
     "model_type": "gemma3_text",
     "architectures": ["Gemma3ForCausalLM"],
@@ -345,6 +347,27 @@ def part_batch(models, args, summary, label):
                                 ratio(dec[t.name, b], dec[t.name, 1]), goal))
 
 
+def part_head(models, args, summary):
+    model = models[0].model
+    ids = np.random.default_rng(5).integers(2, 200_000, 64).tolist()
+    cache = model.make_cache()
+    mx.eval(model(mx.array([ids]), cache))
+    h = mx.random.normal((1, 1, model.config.text.hidden_size))
+    step, head = [], []
+    for _ in range(8):  # each decode step takes back its token, so every step runs at the same depth
+        t = time.perf_counter()
+        mx.eval(model(mx.array([[ids[-1]]]), cache))
+        step.append(time.perf_counter() - t)
+        for c in cache:
+            c.trim(1)
+        t = time.perf_counter()
+        mx.eval(model.head(h))
+        head.append(time.perf_counter() - t)
+    print(f"\n(e) the output head's share of a 270M float32 decode step (batch 1, 64-token context), best of 8")
+    print(f"decode step {1e3 * min(step):.1f} ms, head alone {1e3 * min(head):.1f} ms: {100 * min(head) / min(step):.0f}% of the step")
+    summary.append(("(e) head / decode step (ours, a share)", min(head) / min(step), ""))
+
+
 def part_single(models, args, summary, tag, depth, n):
     ours, theirs = models
     ids = text_ids(ours.tokenizer, depth)
@@ -429,7 +452,7 @@ def main() -> int:
                     MlxLm(load_mlx_lm(d), decode=tok and tok.decode, prefill_step=a.mlx_lm_prefill_step))
         if "overhead" in parts:
             part_overhead(tiny, a, summary)
-        if any(p in parts for p in ("depth", "prefill")) or ("batch" in parts and a.batch_model == "270m"):
+        if any(p in parts for p in ("depth", "prefill", "head")) or ("batch" in parts and a.batch_model == "270m"):
             src = source_270m(a.source, tmp)
             model, tok = gemma3_mlx.load(src, dtype="float32")
             big = (Ours(model, tok), MlxLm(load_mlx_lm(src), decode=tok.decode, prefill_step=a.mlx_lm_prefill_step))
@@ -439,6 +462,8 @@ def main() -> int:
             part_single(big, a, summary, "c", a.depth, a.depth_tokens)
         if "prefill" in parts:
             part_single(big, a, summary, "d", a.prefill_prompt, a.prefill_tokens)
+        if "head" in parts:
+            part_head(big, a, summary)
 
     print("\nsummary (ratios from this run)")
     for what, r, goal in summary:
