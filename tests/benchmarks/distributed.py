@@ -9,10 +9,11 @@ between a 1-token and an N-token generation of the same prompt, divided by the e
 compared with shard.traffic()'s count on paper. This machine has 2 cores: with more ranks than
 cores, MLX's ring backend spins while it waits, so speeds here only show that it runs; the bytes
 and the collective counts are what carries over to two or four Macs (README, "Across several Macs").
-Measured here (270M float32, 8 tokens, 2 cores at load 15-18): 1 rank 0.77 tok/s; 2 ranks tensor
-0.29 tok/s and 621.1 KB sent per token per rank (619.0 on paper), pipeline 0.28 tok/s and 2.6 KB
-(2.6); 4 ranks tensor 0.10 tok/s and 934.1 KB (928.5), pipeline 0.10 tok/s and 2.6 KB (2.6). The
-runs took 30 s, 90 s, 120 s, 190 s and 230 s.
+Measured here 2026-12-06 (270M float32, --tokens 8, mlx 0.32.4, 2 cores at load 10-16): 1 rank 1.34 tok/s;
+2 ranks tensor 0.70 tok/s and 620.6 KB sent per token per rank (619.0 on paper), pipeline 0.53 tok/s and
+2.6 KB (2.6); 4 ranks tensor 0.16 tok/s and 935.7 KB (928.5), pipeline 0.28 tok/s and 2.6 KB (2.6). The
+runs took 28 s, 46 s, 30 s, 102 s and 80 s. With 4 ranks on 2 busy cores the tensor cluster may not come
+up within the default 20 s: set GEMMA3_MLX_CLUSTER_TIMEOUT=180.
 """
 
 from __future__ import annotations
