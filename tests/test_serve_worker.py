@@ -1,10 +1,14 @@
-"""The server's model thread when something fails (cli/serve_worker.py, serve_running.py): a step that
-fails ends the jobs the engine let go with a 500 naming the error, an error outside any request fails
-every job, and either way the worker keeps serving, with its count of requests in flight back to zero.
+"""The server's model thread (cli/serve_worker.py and its pieces).
 
-In-process, without HTTP: the tiny model with the real tokenizer (test_server.make_tiny), jobs sent
-straight to a Worker (test_admission.Jobs), failures injected by replacing one engine or worker method
-for one call.
+When something fails (serve_running.py): a step that fails ends the jobs the engine let go with a 500
+naming the error, an error outside any request fails every job, and either way the worker keeps
+serving, with its count of requests in flight back to zero. In-process, without HTTP: the tiny model
+with the real tokenizer (test_server.make_tiny), jobs sent straight to a Worker (test_admission.Jobs),
+failures injected by replacing one engine or worker method for one call.
+
+Across ranks (serve_queue.py), without MLX's collectives: two RequestQueues over a stand-in channel,
+rank 0's requests rebuilt on rank 1 field for field, and rank 1's idle pacing turn by turn. The real
+two-rank server is test_distributed.test_serve_on_two_ranks_answers_what_one_process_answers.
 """
 
 import re
@@ -13,6 +17,9 @@ import time
 import pytest
 
 import gemma3_mlx
+from gemma3_mlx.cli import serve_queue
+from gemma3_mlx.cli.serve_metrics import Metrics
+from gemma3_mlx.cli.serve_queue import IDLE_TICK, PACE_AFTER, PACE_MARGIN, RequestQueue
 from gemma3_mlx.cli.serve_worker import Job, Worker
 from gemma3_mlx.constrain import Constraint
 from gemma3_mlx.settings import Sampling
@@ -110,3 +117,77 @@ def test_an_error_outside_any_request_fails_every_job_and_a_new_engine_keeps_the
     jobs.wait([3])
     assert jobs.end(3)[:2] == ("done", "stop")
     assert re.fullmatch("[0-9]{3}-[a-z]{2}", "".join(a[1] for a in answers if a[0] == "delta"))
+
+
+# ---------------------------------------------------------------------- the queue across ranks
+
+
+class Rank:
+    """A stand-in for one rank's distributed group and Channel: what rank 0 posts, every rank takes."""
+
+    def __init__(self, rank: int, wire: list):
+        self._rank, self.wire = rank, wire
+
+    def rank(self) -> int:
+        return self._rank
+
+    def post(self, data) -> None:
+        if self._rank == 0:
+            self.wire[:] = [data]
+
+    def take(self):
+        return self.wire[0] if self.wire else None
+
+
+def queue_on(rank: int, wire: list) -> RequestQueue:
+    q = RequestQueue(2, Metrics(), group=Rank(rank, wire))  # at most 2 in flight
+    q.channel = q.channel.group  # the stand-in posts and takes itself
+    return q
+
+
+def test_rank_0s_requests_and_cancels_are_rebuilt_on_the_other_ranks():
+    wire = []
+    q0, q1 = queue_on(0, wire), queue_on(1, wire)
+    job = Job(print, messages=[{"role": "user", "content": "What is this?\n<start_of_image>"}], images=[b"\x89PNG\x00\xff"],
+              max_tokens=7, settings=Sampling(temp=0.5, top_k=3, seed=11, stop=("END",)), logprobs=2,
+              speculative="off", adapter="tuned", context=512)
+    assert q0.submit(job) and q0.submit(Job(print, prompt=[2, 9, 9])) and not q0.submit(Job(print, prompt="x"))
+    q0.cancel(job)
+    assert q0.take(idle=True) == [] and q1.take(idle=True) == []  # nothing posted yet
+    q0.post(idle=False)
+    q1.post(idle=False)
+    mine, theirs = q0.take(idle=False), q1.take(idle=False)
+    assert [k for k, _ in mine] == [k for k, _ in theirs] == ["submit", "submit", "cancel"]
+    assert mine[0][1] is job and mine[2][1] is job and [j.number for _, j in mine] == [0, 1, 0]
+    copy = theirs[0][1]
+    assert theirs[2][1] is copy and copy is not job and theirs[1][1].prompt == [2, 9, 9]
+    for name in ("messages", "images", "max_tokens", "settings", "logprobs", "speculative", "adapter", "context",
+                 "number"):
+        assert getattr(copy, name) == getattr(job, name), name
+    assert copy.send is not print and q0.in_flight == 2 and q0.metrics.counters["rejected"] == 1
+    q1.ended(copy)  # over on rank 1 (and on rank 0, alike): a late cancel of it is dropped there
+    q0.cancel(job)
+    q0.post(idle=True)
+    q1.post(idle=True)
+    assert q0.take(idle=True) == [("cancel", job)] and q1.take(idle=True) == []
+
+
+def test_the_other_ranks_nap_only_after_idle_turns_in_a_row(monkeypatch):
+    naps = []
+    monkeypatch.setattr(serve_queue.time, "sleep", naps.append)
+    wire = []
+    q1 = queue_on(1, wire)
+
+    def turn(idle: bool, posted=None) -> bool:
+        """One turn on rank 1 after rank 0 posted `posted`; whether it napped before its own post."""
+        wire[:] = [posted]
+        before = len(naps)
+        q1.take(idle)
+        q1.post(idle)
+        assert naps[before:] in ([], [IDLE_TICK - PACE_MARGIN])
+        return len(naps) > before
+
+    assert [turn(idle=True) for _ in range(PACE_AFTER + 2)] == [False] * (PACE_AFTER - 1) + [True] * 3
+    assert not turn(idle=True, posted=b'[{"op": "stop", "n": null}]')  # something came: count again
+    assert not turn(idle=False)  # busy: no turn counts
+    assert [turn(idle=True) for _ in range(PACE_AFTER)] == [False] * (PACE_AFTER - 1) + [True]
