@@ -91,7 +91,7 @@ class _Request:
 
     def __init__(self, worker: Worker, request: Request):
         self.worker, self.request = worker, request
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.answers: asyncio.Queue = asyncio.Queue()  # what the worker sends this request
         self.loop = asyncio.get_running_loop()
         self.watch = None
         self.job = None
@@ -99,7 +99,7 @@ class _Request:
 
     def send(self, item) -> None:  # called from the model thread
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.answers.put_nowait, item)
         except RuntimeError:  # the event loop is gone (shutting down)
             pass
 
@@ -129,7 +129,7 @@ class _Request:
 
     async def next(self):
         """The worker's next item; None once the client disconnected (the job is then cancelled)."""
-        getter = asyncio.ensure_future(self.queue.get())
+        getter = asyncio.ensure_future(self.answers.get())
         await asyncio.wait({getter, self.watch}, return_when=asyncio.FIRST_COMPLETED)
         if getter.done():
             item = getter.result()
