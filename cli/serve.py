@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from ..constrain import ConstraintError
+from ..tools import Held
 from . import serve_api as api
 from . import serve_ollama_routes
 from . import serve_page
@@ -262,7 +263,7 @@ def make_app(worker: Worker, model_names: tuple[str, ...], *, api_key: str | Non
 async def _stream(req: _Request, shapes: api.Shapes, include_usage: bool, tools=None):
     """SSE chunks. With tools, a reply that opens with { or [ is held until it ends, then sent as
     tool_calls if it parses as calls (else as text); a reply that opens otherwise streams as text."""
-    held = [] if tools is not None else None
+    held = Held(tools)
     try:
         yield _sse(shapes.chunk(None, role=True, include_usage=include_usage)) if shapes.chat else b""
         while True:
@@ -270,24 +271,18 @@ async def _stream(req: _Request, shapes: api.Shapes, include_usage: bool, tools=
             if item is None:
                 return
             if item[0] == "delta":
-                if held is not None:
-                    held.append(item[1])
-                    start = "".join(held).lstrip()[:1]
-                    if not start or start in "{[":
-                        continue  # may be a call
-                    text, held = "".join(held), None
-                    yield _sse(shapes.chunk(text, include_usage=include_usage))
-                else:
+                if tools is None:
                     yield _sse(shapes.chunk(item[1], lps=item[2], include_usage=include_usage))
+                elif text := held.add(item[1]):
+                    yield _sse(shapes.chunk(text, include_usage=include_usage))
             elif item[0] == "done":
                 finish = item[1]
-                if held:
-                    calls = tools.parse("".join(held))
-                    if calls:
-                        yield _sse(shapes.calls_chunk(calls, include_usage))
-                        finish = "tool_calls"
-                    else:
-                        yield _sse(shapes.chunk("".join(held), include_usage=include_usage))
+                text, calls = held.end()
+                if calls:
+                    yield _sse(shapes.calls_chunk(calls, include_usage))
+                    finish = "tool_calls"
+                elif text:
+                    yield _sse(shapes.chunk(text, include_usage=include_usage))
                 yield _sse(shapes.chunk(None, finish, include_usage=include_usage))
                 if include_usage:
                     yield _sse(shapes.usage_chunk(item[2]))

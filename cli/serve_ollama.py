@@ -12,8 +12,15 @@ ignored. Without effect: `keep_alive` (the model stays loaded while the server r
 options (num_gpu, num_thread, num_batch, use_mmap, ...). `num_ctx` below the model's context holds
 the prompt and the reply within it (a longer prompt is a 400, where Ollama cuts its start).
 Refused: `template` (the model's own chat template is always used; `raw: true` takes a prompt as
-is), `context` (deprecated by Ollama: send messages to /api/chat), `suffix`, `tools` and
-`think: true` (Gemma 3 neither calls tools here nor thinks).
+is), `context` (deprecated by Ollama: send messages to /api/chat), `suffix`, `tools` on /api/generate
+and `think: true` (Gemma 3 does not think).
+
+Tools on /api/chat (tools.py, as for the OpenAI routes; Ollama has no tool_choice: "auto", several
+calls at once allowed): a reply is text or calls, held to the tools' schemas; calls come back as
+`message.tool_calls` `[{"function": {"name", "arguments": {...}}}]` (arguments an object, as Ollama
+sends them). History: an assistant message's `tool_calls` (arguments an object) and `role: "tool"`
+results, each answering the earliest unanswered call of its `tool_name` (or the earliest unanswered
+call when it names none).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from datetime import datetime, timezone
 
 from ..constrain import Constraint, ConstraintError
 from ..settings import Sampling
+from ..tools import ToolError, ToolUse, chat_messages
 from .serve_api import IMAGE_PART, ROLES, ApiError, join_turns
 from .serve_queue import Job
 
@@ -141,8 +149,6 @@ def _common(body: dict) -> tuple[Sampling, dict, bool]:
     Ollama would cut the prompt's start)."""
     if body.get("think") not in (None, False):
         raise refuse(f'"{body.get("model")}" does not support thinking')
-    if body.get("tools"):
-        raise refuse("tools: tool calls are not supported by this server")
     stream = body.get("stream", True)
     if stream is None:
         stream = True
@@ -161,37 +167,85 @@ def _job(send, s: Sampling, limits: dict, **kw) -> Job:
     return Job(send, settings=s, **limits, **kw)
 
 
-def chat_job(body: dict, send, vision: bool) -> tuple[Job | None, bool]:
-    """(job, stream); job None for a chat with no messages (Ollama's way to load a model)."""
+def chat_job(body: dict, send, vision: bool) -> tuple[Job | None, bool, ToolUse | None]:
+    """(job, stream, tools); job None for a chat with no messages (Ollama's way to load a model)."""
     s, limits, stream = _common(body)
+    use = None
+    if body.get("tools"):
+        try:
+            use = ToolUse.from_request(body["tools"])
+            held_to = use.constraint()
+        except (ToolError, ConstraintError) as e:
+            raise refuse(str(e) if str(e).startswith("tools") else f"tools: {e}") from None
+        if s.constraint is not None:
+            raise refuse("format: cannot be combined with tools (a call is already held to its schema)")
+        s = s.replace(constraint=held_to)
     messages = body.get("messages")
     if messages is None or messages == []:
-        return None, stream
+        return None, stream, use
     if not isinstance(messages, list):
         raise refuse("messages: expected an array")
-    images, out = [], []
+    images, out, open_calls = [], [], []  # open_calls: (id, name) of calls no result has answered yet
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise refuse(f"messages[{i}]: expected an object")
-        if m.get("role") not in ROLES or m["role"] == "developer":
-            raise refuse(f"messages[{i}].role: {m.get('role')!r} is not one of system, user, assistant")
+        if m.get("role") not in (*ROLES, "tool") or m["role"] == "developer":
+            raise refuse(f"messages[{i}].role: {m.get('role')!r} is not one of system, user, assistant, tool")
         if not isinstance(m.get("content", ""), str):
             raise refuse(f"messages[{i}].content: expected a string")
-        if m.get("tool_calls"):
-            raise refuse(f"messages[{i}].tool_calls: tool calls are not supported by this server")
         these = _images(m.get("images"), f"messages[{i}].images")
         if these and m["role"] != "user":
             raise refuse(f"messages[{i}]: images go in user messages")
         images += these
         # Ollama puts a message's images before its text
-        out.append({"role": m["role"], "content": IMAGE_PART * len(these) + (m.get("content") or "")})
+        turn = {"role": m["role"], "content": IMAGE_PART * len(these) + (m.get("content") or "")}
+        if m.get("tool_calls"):
+            if m["role"] != "assistant":
+                raise refuse(f"messages[{i}].tool_calls: only an assistant message makes calls")
+            turn["tool_calls"] = _calls(m["tool_calls"], i, open_calls)
+        elif m["role"] == "tool":
+            turn["tool_call_id"] = _answers(m, i, open_calls)
+        out.append(turn)
     if images and not vision:
         raise refuse("this model cannot see images (a text-only Gemma 3)")
-    return _job(send, s, limits, messages=join_turns(out), images=images), stream
+    try:
+        out = chat_messages(out, use)  # the tools into the prompt; calls and results as plain turns
+    except ToolError as e:
+        raise refuse(str(e)) from None
+    return _job(send, s, limits, messages=join_turns(out), images=images), stream, use
 
 
-def generate_job(body: dict, send, vision: bool) -> tuple[Job | None, bool]:
-    """(job, stream); job None for an empty prompt without images (Ollama's way to load a model)."""
+def _calls(calls, i: int, open_calls: list) -> list[dict]:
+    """An assistant message's Ollama `tool_calls` in the OpenAI shape tools.chat_messages reads."""
+    if not isinstance(calls, list):
+        raise refuse(f"messages[{i}].tool_calls: expected an array")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments", {}), dict)):
+            raise refuse(f"messages[{i}].tool_calls[{j}]: expected {{function: {{name, arguments: {{...}}}}}}")
+        cid = f"call_{i}_{j}"
+        open_calls.append((cid, fn["name"]))
+        out.append({"id": cid, "type": "function", "function": {
+            "name": fn["name"], "arguments": json.dumps(fn.get("arguments", {}), ensure_ascii=False)}})
+    return out
+
+
+def _answers(m: dict, i: int, open_calls: list) -> str:
+    """The id of the call a `role: "tool"` message answers (see the module's docstring)."""
+    name = m.get("tool_name") or m.get("name")
+    for k, (cid, called) in enumerate(open_calls):
+        if name is None or called == name:
+            del open_calls[k]
+            return cid
+    raise refuse(f"messages[{i}]: a tool result" + (f" of {name!r}" if name else "") +
+                 ", but no earlier assistant message made such a call")
+
+
+def generate_job(body: dict, send, vision: bool) -> tuple[Job | None, bool, None]:
+    """(job, stream, None); job None for an empty prompt without images (Ollama's way to load a model)."""
+    if body.get("tools"):
+        raise refuse("tools: /api/generate takes no tools (send them with messages to /api/chat)")
     s, limits, stream = _common(body)
     prompt, system = _text(body, "prompt"), _text(body, "system")
     if _text(body, "template"):
@@ -208,15 +262,15 @@ def generate_job(body: dict, send, vision: bool) -> tuple[Job | None, bool]:
     if images and not vision:
         raise refuse("this model cannot see images (a text-only Gemma 3)")
     if not prompt and not images:
-        return None, stream
+        return None, stream, None
     if raw:
         if system or images:
             raise refuse("raw mode does not support template, system, or context" if system else
                        "raw mode does not take images (send them to /api/chat or without raw)")
-        return _job(send, s, limits, prompt=prompt), stream
+        return _job(send, s, limits, prompt=prompt), stream, None
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": IMAGE_PART * len(images) + prompt})
-    return _job(send, s, limits, messages=messages, images=images), stream
+    return _job(send, s, limits, messages=messages, images=images), stream, None
 
 
 # ---------------------------------------------------------------------- answers
@@ -232,23 +286,26 @@ class Shape:
     def accepted(self) -> None:
         self.t_accepted = self.t_first = time.perf_counter_ns()
 
-    def _base(self, text: str, done: bool) -> dict:
+    def _base(self, text: str, done: bool, calls: list[dict] | None = None) -> dict:
         out = {"model": self.model, "created_at": timestamp()}
         if self.chat:
             out["message"] = {"role": "assistant", "content": text}
+            if calls:  # tools.parse's calls; Ollama's arguments are an object
+                out["message"]["tool_calls"] = [{"function": {"name": c["name"], "arguments": json.loads(c["arguments"])}}
+                                                for c in calls]
         else:
             out["response"] = text
         out["done"] = done
         return out
 
-    def chunk(self, text: str) -> dict:
+    def chunk(self, text: str, calls: list[dict] | None = None) -> dict:
         if self.t_first == self.t_accepted:
             self.t_first = time.perf_counter_ns()
-        return self._base(text, False)
+        return self._base(text, False, calls)
 
-    def final(self, finish: str, usage: dict, text: str = "") -> dict:
+    def final(self, finish: str, usage: dict, text: str = "", calls: list[dict] | None = None) -> dict:
         now = time.perf_counter_ns()
-        return {**self._base(text, True), "done_reason": finish, "total_duration": now - self.t0,
+        return {**self._base(text, True, calls), "done_reason": finish, "total_duration": now - self.t0,
                 "load_duration": self.t_accepted - self.t0, "prompt_eval_count": usage["prompt_tokens"],
                 "prompt_eval_duration": self.t_first - self.t_accepted, "eval_count": usage["completion_tokens"],
                 "eval_duration": now - self.t_first}

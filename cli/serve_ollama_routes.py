@@ -17,20 +17,25 @@ from starlette.routing import Route
 from ..constrain import ConstraintError
 from ..memory import config_tensors
 from ..settings import Sampling
+from ..tools import Held
 from .serve_api import ApiError
 from .serve_ollama import NDJSON, TO_SAMPLING, VERSION, Shape, chat_job, generate_job, line, refuse, timestamp
 
 
-async def _lines(req, shape: Shape):
+async def _lines(req, shape: Shape, tools=None):
+    held = Held(tools)  # under tools, a reply that may be a call waits for its end
     try:
         while True:
             item = await req.next()
             if item is None:
                 return
             if item[0] == "delta":
-                if item[1]:
-                    yield line(shape.chunk(item[1]))
+                if text := held.add(item[1]):
+                    yield line(shape.chunk(text))
             elif item[0] == "done":
+                text, calls = held.end()
+                if text or calls:
+                    yield line(shape.chunk(text, calls))
                 yield line(shape.final(item[1], item[2]))
                 return
             elif item[0] == "error":
@@ -40,7 +45,7 @@ async def _lines(req, shape: Shape):
         req.close()
 
 
-async def _whole(req, shape: Shape):
+async def _whole(req, shape: Shape, tools=None):
     text = []
     try:
         while True:
@@ -51,7 +56,8 @@ async def _whole(req, shape: Shape):
                 shape.chunk(item[1])
                 text.append(item[1])
             elif item[0] == "done":
-                return JSONResponse(shape.final(item[1], item[2], "".join(text)))
+                calls = tools.parse("".join(text)) if tools is not None else None
+                return JSONResponse(shape.final(item[1], item[2], "" if calls else "".join(text), calls))
             elif item[0] == "error":
                 return JSONResponse({"error": item[2]}, status_code=item[1])
     finally:
@@ -83,7 +89,7 @@ def describe(model) -> dict:
             "gemma3.attention.head_count_kv": t.num_key_value_heads, "gemma3.attention.key_length": t.head_dim,
             "gemma3.attention.sliding_window": t.sliding_window, "gemma3.vocab_size": t.vocab_size}
     return {"size": size, "details": details, "model_info": info, "context": t.max_position_embeddings,
-            "capabilities": ["completion"] + (["vision"] if config.vision is not None else [])}
+            "capabilities": ["completion", "tools"] + (["vision"] if config.vision is not None else [])}
 
 
 TEMPLATE = ("{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}user{{ end }}\n"
@@ -121,14 +127,14 @@ def routes(worker, model_names: tuple[str, ...], *, read_json, authorize, open_r
         body = await read_json(request)
         shape = Shape(chat, check_model(body))
         req = open_request(request)
-        job, streamed = (chat_job if chat else generate_job)(body, req.send, vision)
+        job, streamed, tools = (chat_job if chat else generate_job)(body, req.send, vision)
         if job is None:
             return JSONResponse(shape.loaded(body.get("keep_alive") in (0, "0", "0s", "0m")))
         job.adapter = adapter_of(shape.model)
         try:
             first = await req.admit(job)  # a full queue: a 503
         except ConstraintError as e:
-            raise refuse(f"format: {e}") from None
+            raise refuse(f"{'tools' if tools is not None else 'format'}: {e}") from None
         if first is None:
             return Response(status_code=499)
         if first[0] == "error":
@@ -136,8 +142,8 @@ def routes(worker, model_names: tuple[str, ...], *, read_json, authorize, open_r
             raise ApiError(first[1], first[2])
         shape.accepted()
         if streamed:
-            return stream(_lines(req, shape), NDJSON)
-        return await _whole(req, shape)
+            return stream(_lines(req, shape, tools), NDJSON)
+        return await _whole(req, shape, tools)
 
     async def chat(request):
         return await answer(request, chat=True)

@@ -159,6 +159,32 @@ class ToolUse:
         return calls
 
 
+class Held:
+    """A reply streamed under tools: text opening with `{` or `[` (after blanks) may be a call, so it is
+    held until the reply ends; any other reply goes out as it comes. Without tools nothing is held."""
+
+    def __init__(self, use: ToolUse | None):
+        self.use, self.parts = use, [] if use is not None else None
+
+    def add(self, text: str) -> str:
+        """What to send now ("" while the reply may still be a call)."""
+        if self.parts is None:
+            return text
+        self.parts.append(text)
+        joined = "".join(self.parts)
+        start = joined.lstrip()[:1]
+        if not start or start in "{[":
+            return ""
+        self.parts = None
+        return joined
+
+    def end(self) -> tuple[str, list[dict] | None]:
+        """At the reply's end: (text still to send, the calls when the held reply is calls)."""
+        text, self.parts = "".join(self.parts or ()), None
+        calls = self.use.parse(text) if text else None
+        return ("", calls) if calls else (text, None)
+
+
 def _span(text: str) -> int:
     """Length of the JSON value at the start of `text`."""
     return json.JSONDecoder().raw_decode(text)[1]

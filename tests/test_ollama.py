@@ -45,7 +45,7 @@ def test_list_show_ps_and_version(tiny):
     assert shown.modelinfo["gemma3.context_length"] == 2048 == t.max_position_embeddings
     assert shown.modelinfo["gemma3.attention.sliding_window"] == 32
     assert shown.modelinfo["gemma3.block_count"] == t.num_hidden_layers
-    assert shown.capabilities == ["completion"] and shown.details.quantization_level == "F32"
+    assert shown.capabilities == ["completion", "tools"] and shown.details.quantization_level == "F32"
     assert "<start_of_turn>" in shown.template
     running = tiny.ollama.ps().models
     assert [m.model for m in running] == ["tiny-chat:latest"] and running[0].context_length == 2048
@@ -142,7 +142,8 @@ def test_refusals_in_ollamas_shape(tiny):
         (lambda: tiny.ollama.chat("tiny-chat", messages=[{"role": "user", "content": "hi"}], think=True), "thinking"),
         (lambda: tiny.ollama.chat("tiny-chat", messages=[{"role": "user", "content": "hi", "images": [b"\x89PNG"]}]),
          "cannot see images"),
-        (lambda: tiny.ollama.chat("tiny-chat", messages=[{"role": "tool", "content": "42"}]), "role"),
+        (lambda: tiny.ollama.chat("tiny-chat", messages=[{"role": "tool", "content": "42"}]), "tool result"),
+        (lambda: tiny.ollama.chat("tiny-chat", messages=[{"role": "robot", "content": "42"}]), "role"),
         (lambda: tiny.ollama.chat("nope", messages=[{"role": "user", "content": "hi"}]), "model 'nope' not found"),
         (lambda: tiny.ollama.chat("tiny-chat", messages=[{"role": "user", "content": "word " * 2100}]), "2048"),
     ):
@@ -211,3 +212,66 @@ def test_images_as_ollama_sends_them(tiny, tmp_path):
         assert status == 400 and "not valid base64" in body["error"]
     finally:
         seeing.close()
+
+
+def test_tools_as_ollama_sends_them(tokenizer_270m, tmp_path_factory):
+    """/api/chat with tools: the calls (arguments an object) are the OpenAI route's calls for the same
+    conversation, whole and streamed, and valid against their schemas; a conversation with Ollama's calls
+    and `tool_name` results gives the OpenAI route's prompt (the same length) and reply."""
+    import jsonschema
+
+    from test_structured import CONVERT, SCHEMAS, WEATHER, jsonish
+
+    # JSON punctuation likely, and an opening "{" or "[" first even where text may come (Ollama's tools are "auto")
+    server = Tiny(jsonish(make_tiny(tokenizer_270m, tmp_path_factory.mktemp("ollama") / "tiny-json"), opener=30.0))
+    try:
+        client = ollama.Client(host=f"http://127.0.0.1:{server.port}", headers={"Authorization": f"Bearer {KEY}"},
+                               timeout=120)
+        tools, ask = [WEATHER, CONVERT], [{"role": "user", "content": "Go"}]
+        # What the official client sends: its Tool model keeps type/enum/required/description of each
+        # property and drops the rest (maxLength, minimum, additionalProperties); the OpenAI route gets that.
+        sent = [ollama.Tool.model_validate(t).model_dump(exclude_none=True, by_alias=True) for t in tools]
+        assert "maxLength" not in json.dumps(sent) and "maxLength" in json.dumps(tools)
+        r = client.chat("tiny-json", messages=ask, tools=tools, options={"num_predict": 120, "temperature": 0})
+        calls = [(c.function.name, dict(c.function.arguments)) for c in r.message.tool_calls or ()]
+        assert calls and r.message.content == "" and r.done_reason == "stop", r
+        for name, args in calls:
+            jsonschema.validate(args, next(t["function"]["parameters"] for t in sent if t["function"]["name"] == name))
+            assert set(args) == set(SCHEMAS[name]["required"])
+        tools = sent
+        oa = server.chat(ask, tools=tools, max_tokens=120).choices[0].message
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in oa.tool_calls] == calls
+        parts = list(client.chat("tiny-json", messages=ask, tools=tools, options={"num_predict": 120}, stream=True))
+        assert [(c.function.name, dict(c.function.arguments)) for p in parts for c in p.message.tool_calls or ()] == calls
+        assert "".join(p.message.content for p in parts) == "" and parts[-1].done_reason == "stop"
+        # The results, in the other order, each naming its tool; the OpenAI route gets the same by call id.
+        results = [{"role": "tool", "content": f"result {i}", "tool_name": name} for i, (name, _) in enumerate(calls)][::-1]
+        made = {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": n, "arguments": a}} for n, a in calls]}
+        r2 = client.chat("tiny-json", messages=[*ask, made, *results], tools=tools, options={"num_predict": 8})
+        ids = [f"call_{i}" for i in range(len(calls))]
+        oa_made = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": i, "type": "function", "function": {"name": n, "arguments": json.dumps(a, ensure_ascii=False)}}
+            for i, (n, a) in zip(ids, calls)]}
+        by_id = [{"role": "tool", "tool_call_id": ids[len(calls) - 1 - k], "content": t["content"]} for k, t in enumerate(results)]
+        oa2 = server.chat([*ask, oa_made, *by_id], tools=tools, max_tokens=8)
+        assert r2.prompt_eval_count == oa2.usage.prompt_tokens
+        got = r2.message.content or json.dumps([dict(c.function.arguments) for c in r2.message.tool_calls])
+        want = oa2.choices[0].message.content or json.dumps([json.loads(c.function.arguments)
+                                                              for c in oa2.choices[0].message.tool_calls])
+        assert got == want
+        for body, words in (
+            ({"messages": ask, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
+             "tools"),
+            ({"messages": ask, "tools": tools, "format": "json"}, "format: cannot be combined with tools"),
+            ({"messages": [*ask, made, {"role": "tool", "content": "x", "tool_name": "nope"}], "tools": tools},
+             "tool result of 'nope'"),
+            ({"messages": [*ask, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "x"}}]}]},
+             "tool_calls[0]"),
+        ):
+            status, answer = server.raw("POST", "/api/chat", json.dumps({"model": "tiny-json", "stream": False, **body}))
+            assert status == 400 and words in answer["error"], (words, answer)
+        status, answer = server.raw("POST", "/api/generate", json.dumps({"model": "tiny-json", "prompt": "hi", "tools": tools}))
+        assert status == 400 and "/api/generate takes no tools" in answer["error"]
+    finally:
+        server.close()

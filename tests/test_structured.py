@@ -38,12 +38,13 @@ class Person(pydantic.BaseModel):
     age: int
 
 
-def jsonish(path: Path) -> Path:
+def jsonish(path: Path, opener: float = 6.0) -> Path:
     """Make JSON punctuation likely everywhere: every embedding row gets a large first coordinate, which
     the residual stream keeps, so the final hidden state points along it at every position; the tied
     head then adds about sqrt(D) x (that coordinate) to each token's logit, and the punctuation's rows
     get more of it. Strings close at once, numbers after a digit or two; after a newline (a reply's
-    start) "[" or "{" comes first: a list of calls when tools are offered."""
+    start) "[" or "{" comes first: a list of calls when tools are offered (`opener`: how strongly; 30 makes
+    a call come first even where plain text may)."""
     from gemma3_mlx.tokenizer import Tokenizer
 
     tok = Tokenizer(path / "tokenizer.model")
@@ -61,7 +62,7 @@ def jsonish(path: Path) -> Path:
             emb[i, 0] += 2.0
         elif b in (b"{", b"["):  # openers: "[" a little likelier (a list of calls where one is allowed)
             emb[i, 0] += 1.5 + 0.3 * (b == b"[")
-            emb[i, 1] = 6.0  # ... and likeliest right after a newline (the start of a reply):
+            emb[i, 1] = opener  # ... and likeliest right after a newline (the start of a reply):
     emb[tok.encode("\n", add_bos=False)[-1], 1] = 2.0  # the newline's state leans along coordinate 1
     weights[key] = mx.array(emb)
     mx.save_safetensors(str(path / "model.safetensors"), weights)
