@@ -16,6 +16,7 @@ import http.client
 import json
 import os
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,7 +32,8 @@ from test_server import free_port, make_tiny, wait_healthy
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "images"
+# The README's screenshots are rewritten only when asked (GEMMA3_SCREENSHOTS=1): a test run leaves the tree clean.
+SHOTS = Path(__file__).resolve().parent.parent / "docs" / "images" if os.environ.get("GEMMA3_SCREENSHOTS") else None
 KEY = "page-key"
 HOSTILE = ('Here: <img src=x onerror="window.__pwned=1"> and <script>window.__pwned=2</script> '
            '[x](javascript:window.__pwned=3) **bold** `<b>code</b>`\n\n```html\n<img src=y onerror="window.__pwned=4">\n```')
@@ -257,8 +259,9 @@ def test_send_with_enter_streams_the_transcript_reply_then_reload_finds_it(brows
         assert body["stream"] and body["stream_options"] == {"include_usage": True}
         assert [m["content"] for m in body["messages"]] == ["What is the capital of France?", want[0][0], "And of Italy?"]
         # Screenshots for the README, light and dark (the system's setting), of this conversation.
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        p.page.screenshot(path=str(SHOTS / "page-light.png"))
+        shots = SHOTS or Path(tempfile.mkdtemp())
+        shots.mkdir(parents=True, exist_ok=True)
+        p.page.screenshot(path=str(shots / "page-light.png"))
         dark = Page(browser, real, color_scheme="dark")
         dark.page.goto(real.url)  # a new context: its own storage; the same conversation, loaded from it
         dark.page.evaluate("([k, v]) => localStorage.setItem(k, v)",
@@ -267,7 +270,7 @@ def test_send_with_enter_streams_the_transcript_reply_then_reload_finds_it(brows
         assert dark.replies() == [w[0] for w in want]
         background = dark.page.evaluate("getComputedStyle(document.body).backgroundColor")
         assert background == "rgb(22, 24, 28)"  # the dark theme, by prefers-color-scheme
-        dark.page.screenshot(path=str(SHOTS / "page-dark.png"))
+        dark.page.screenshot(path=str(shots / "page-dark.png"))
         dark.check_clean()
         dark.close()
         assert p.page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(255, 255, 255)"
