@@ -8,7 +8,6 @@ decides anything: the queue, the pool and admission keep their own state and are
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import mlx.core as mx
@@ -24,10 +23,9 @@ class Metrics:
 
     def measure(self, engine, queue, admission, pool) -> None:
         """The gauges now (model thread): rows and caches in the engine, requests not yet in it, memory."""
-        active = sum(c.nbytes for c in engine.layers) if engine.layers else 0
-        active += sum(s.cache.nbytes for s in itertools.chain(engine.waiting, engine.spec))
-        self.gauges = {"queue_depth": len(engine.waiting) + queue.inbox.qsize() + len(admission.waiting),
-                       "active_sequences": len(engine.rows) + len(engine.spec), "kv_bytes": active + pool.bytes,
+        held = engine.holding()
+        self.gauges = {"queue_depth": held.waiting + queue.inbox.qsize() + len(admission.waiting),
+                       "active_sequences": held.active, "kv_bytes": held.kv_bytes + pool.bytes,
                        "kv_reserved_bytes": admission.reserved, "kv_budget_bytes": admission.budget,
                        "pool_bytes": pool.bytes, "pool_entries": len(pool), "time": time.time()}
 

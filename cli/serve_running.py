@@ -11,7 +11,6 @@ job's prompt and starting it is serve_start.py's; no HTTP here.
 
 from __future__ import annotations
 
-import itertools
 
 from ..cache_pool import CachePool
 from ..engine import Engine
@@ -114,8 +113,7 @@ class Running:
 
     def _sweep(self, message: str) -> None:
         """After a failed step: every job the engine no longer holds ends with an error."""
-        e = self.engine
-        live = {s.uid for s in itertools.chain(e.waiting, e.rows, e.spec)}
+        live = self.engine.holding().uids
         for uid in [u for u in self.jobs if u not in live]:
             job = self.jobs.pop(uid)
             if not job.done:

@@ -71,6 +71,16 @@ class Stats(NamedTuple):
         return max(self.generation_tokens - 1, 0) / max(self.generation_time, 1e-9)
 
 
+class Holding(NamedTuple):
+    """Engine.holding(): the sequences it holds (uids), how many wait for their prompt, how many decode
+    (batched or speculating), and the bytes of their keys and values."""
+
+    uids: frozenset
+    waiting: int
+    active: int
+    kv_bytes: int
+
+
 class Event(NamedTuple):
     """One token of one sequence. `finish_reason` is "stop" (the token is a stop token), "length",
     "cancelled" (token is None) or None while the sequence runs. `logprob`/`top_logprobs` (natural
@@ -189,6 +199,13 @@ class Engine:
         seq.checked = checked
         self.waiting.append(seq)
         return seq.uid
+
+    def holding(self) -> "Holding":
+        """What the engine holds now (for a server's gauges and its clean-up after a failed step)."""
+        kv = sum(c.nbytes for c in self.layers) if self.layers else 0
+        kv += sum(s.cache.nbytes for s in itertools.chain(self.waiting, self.spec))
+        uids = frozenset(s.uid for s in itertools.chain(self.waiting, self.rows, self.spec))
+        return Holding(uids, len(self.waiting), len(self.rows) + len(self.spec), kv)
 
     def cancel(self, uid: int) -> None:
         """Stop a sequence at the next step (its cache keeps what it produced so far)."""

@@ -293,3 +293,22 @@ def test_270m_four_rows_batched_equal_alone(model_270m):
     got = gemma3_mlx.batch_generate(model, tok, texts, max_tokens=12, max_batch=4)
     assert [c.text for c in got] == want
     assert all(c.stats.generation_tokens >= 1 and c.finish_reason in ("stop", "length") for c in got)
+
+
+def test_holding_says_what_the_engine_holds():
+    """Engine.holding(): uids and counts follow the sequences through waiting, decoding and the end; the
+    keys and values held grow with the tokens and are all handed back once every sequence has ended."""
+    engine = Engine(tiny_model(16, seed=3), max_batch=2)
+    caches = [PromptCache(engine.model) for _ in range(3)]
+    uids = [engine.submit([1, 5, 9, 11 + i], max_tokens=4, cache=c) for i, c in enumerate(caches)]
+    h = engine.holding()
+    assert (h.uids, h.waiting, h.active, h.kv_bytes) == (frozenset(uids), 3, 0, 0)
+    engine.step()
+    h = engine.holding()
+    assert h.uids == frozenset(uids) and (h.waiting, h.active) == (1, 2) and h.kv_bytes > 0
+    seen = [h.kv_bytes]
+    while engine.holding().uids:
+        engine.step()
+        seen.append(engine.holding().kv_bytes)
+    assert engine.holding() == (frozenset(), 0, 0, 0)
+    assert max(seen) >= sum(c.nbytes for c in caches[:2]) > 0  # the two rows that decoded together
