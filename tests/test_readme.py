@@ -1,8 +1,13 @@
 """The README's tour, run as written: every shell command and the Python API block.
 
 The hub is a local stand-in (HF_HUB_OFFLINE with a prepared cache, the real code path of
-huggingface-hub): `google/gemma-3-270m-it` serves the real 270M weights in float32 and
-`google/gemma-3-4b-it` the 270M with a tiny vision tower (`give_eyes`); `photo.jpg` is a test image.
+huggingface-hub): `google/gemma-3-270m-it` serves a tiny float32 Gemma 3 with the real 270M's tokenizer
+(test_server.make_tiny, random weights, widths that quantize at 8 bits in groups of 64) and
+`google/gemma-3-4b-it` that tiny model with a tiny vision tower (`give_eyes`); `photo.jpg` is a test
+image. The tour's first command runs the real default model (converted once per run by conftest). What
+is checked is that every command and block runs as written and says what it should; what the real
+weights generate is checked by the tests of each feature (test_cli, test_chat, test_vlm, ...), so the
+hub's stand-ins are tiny: the ten processes on the float32 270M took ~5 CPU-minutes, now ~1.
 """
 
 import os
@@ -45,15 +50,18 @@ def fake_hub(root: Path, repos: dict) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tour_env(gemma3_home, model_270m_dir, tmp_path_factory):
+def tour_env(gemma3_home, tokenizer_270m, tmp_path_factory):
     from PIL import Image
+
+    from test_server import make_tiny
 
     tmp = tmp_path_factory.mktemp("tour")
     home = tmp / "home"
     (home / "models").mkdir(parents=True)  # the tour's own cache, holding the default model
     (home / "models" / "gemma-3-270m").symlink_to(gemma3_home / "models" / "gemma-3-270m", target_is_directory=True)
-    seeing = give_eyes(model_270m_dir, tmp / "seeing-f32")
-    hub = fake_hub(tmp / "hf", {"google/gemma-3-270m-it": model_270m_dir, "google/gemma-3-4b-it": seeing})
+    it = make_tiny(tokenizer_270m, tmp / "tiny-it", hidden_size=64, intermediate_size=128)
+    seeing = give_eyes(make_tiny(tokenizer_270m, tmp / "tiny-text", seed=1), tmp / "tiny-seeing")
+    hub = fake_hub(tmp / "hf", {"google/gemma-3-270m-it": it, "google/gemma-3-4b-it": seeing})
     work = tmp / "work"
     (work / "examples").mkdir(parents=True)
     for f in (ROOT / "examples").glob("*.py"):
