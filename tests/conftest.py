@@ -3,7 +3,8 @@
 What is slow to make is made once per run, not once per xdist worker: `built_once` builds into a
 directory shared by the run's workers, under a file lock (the first worker to need it builds, the
 other waits and reuses it). A test that uses the real 270M's weights (through any of REAL_270M's
-fixtures, however indirectly) is marked `slow` automatically, so `pytest -m "not slow"` is the fast tier.
+fixtures, however indirectly) or a browser is marked `slow` automatically, so `pytest -m "not slow"` is
+the fast tier (the tiers: pyproject's `slow` marker).
 """
 
 import fcntl
@@ -24,6 +25,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 # (gguf_270m and tokenizer_270m only write the packaged file and read its tokenizer: not slow.)
 REAL_270M = {"gemma3_home", "default_model_dir", "default_model", "default_model_report", "model_270m_dir", "model_270m",
              "seeing_270m_dir", "seeing_270m"}
+# Fixtures that start a browser: also `slow`. Tests that start servers or mlx.launch ranks as processes,
+# or run past ~10 s of CPU on tiny models, carry @pytest.mark.slow themselves (see pyproject's marker).
+SLOW_FIXTURES = REAL_270M | {"browser"}
 
 # The files that take longest, handed out first: the two workers take a file at a time, so the long ones
 # start together and the short ones fill in the end (pyproject's --no-loadscope-reorder keeps this order;
@@ -37,7 +41,7 @@ def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: each file keeps its order
     for item in items:
-        if REAL_270M & set(getattr(item, "fixturenames", ())):
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 

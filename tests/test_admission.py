@@ -56,6 +56,7 @@ def tiny(tokenizer_270m, tmp_path_factory):
     worker.stop()
 
 
+@pytest.mark.slow  # hundreds of decode steps
 def test_reservations_bound_the_real_cache_and_requests_wait_their_turn(tiny):
     a = tiny.admission
     ids = tiny.tokenizer.apply_chat_template([{"role": "user", "content": "Tell me everything."}])
@@ -79,6 +80,7 @@ def test_reservations_bound_the_real_cache_and_requests_wait_their_turn(tiny):
     assert tiny.pool.bytes <= a.budget  # what the pool keeps fits beside nothing running
 
 
+@pytest.mark.slow  # hundreds of decode steps
 def test_past_the_context_is_a_400_naming_both_and_no_limit_gets_what_fits(tiny):
     a = tiny.admission
     jobs = Jobs(tiny)
@@ -134,6 +136,7 @@ def _peak_rss(pid: int) -> int:
     return int(status["VmHWM"].split()[0]) * 1024
 
 
+@pytest.mark.slow  # a server process and 16 long prompts
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's peak RSS from /proc")
 def test_sixteen_long_requests_under_a_small_memory_complete_or_get_503(tokenizer_270m, tmp_path):
     from mlx.utils import tree_flatten

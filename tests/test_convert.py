@@ -196,6 +196,7 @@ def test_cli_unsupported_group_size(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # converts the real 270M in a process
 def test_ctrl_c_during_cli_conversion_leaves_nothing(gguf_270m, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "gemma3_mlx.cli.main", "convert", str(gguf_270m), "-o", str(out),
@@ -242,6 +243,7 @@ def test_source_is_never_modified(tmp_path):
     assert os.listdir(tmp_path) == ["out"]
 
 
+@pytest.mark.slow  # converts and loads the real 270M
 def test_bfloat16_round_trip_270m(gguf_270m, tmp_path):
     r = convert(gguf_270m, tmp_path / "bf16", dtype="bfloat16")
     assert r.formats["float -> bfloat16"] == 236 and 15.9 < r.bits_per_weight < 16.1

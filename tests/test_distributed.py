@@ -140,6 +140,7 @@ def test_split_layers_kv_heads_and_traffic():
     assert traffic(t, "pipeline", 2) == (10756, 2)
 
 
+@pytest.mark.slow  # 2 and 4 ranks under mlx.launch
 def test_two_ranks_match_one_process(tiny, tmp_path):
     # Tensor parallel splits heads: every layout, float and 4-bit. A pipeline splits layers: two layouts.
     cases = cases_for(tiny.values(), ["tensor"])
@@ -153,6 +154,7 @@ def test_two_ranks_match_one_process(tiny, tmp_path):
         check(case, g, 2)
 
 
+@pytest.mark.slow  # 2 and 4 ranks under mlx.launch
 def test_four_ranks_match_one_process(tiny, tmp_path):
     # One query head per rank with the kv head replicated (4/1), one kv head per rank (8/4, 4-bit),
     # a 4-stage pipeline (batched), an image.
@@ -207,6 +209,7 @@ def test_generate_on_two_ranks_reports_each_ranks_bytes(model_270m_dir, model_27
                                "model (1.28 GB in all) and has 0.63 GB: add ranks")
 
 
+@pytest.mark.slow  # two gemma3 processes
 def test_a_rank_that_never_comes_fails_in_one_line(tmp_path):
     hosts = tmp_path / "hosts.json"
     hosts.write_text(json.dumps([["127.0.0.1:39611"], ["127.0.0.1:39612"]]))
@@ -224,6 +227,7 @@ def test_a_rank_that_never_comes_fails_in_one_line(tmp_path):
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "in use" in p.stderr, p.stderr
 
 
+@pytest.mark.slow  # two gemma3 processes
 def test_ranks_with_different_models_fail_in_one_line(tiny, tmp_path):
     hosts = tmp_path / "hosts.json"
     hosts.write_text(json.dumps([["127.0.0.1:39621"], ["127.0.0.1:39622"]]))
@@ -340,6 +344,7 @@ def _conversation(port: int, name: str) -> list:
     return out
 
 
+@pytest.mark.slow  # three servers, two of them on 2 ranks
 def test_serve_on_two_ranks_answers_what_one_process_answers(tokenizer_270m, tmp_path):
     from conftest import give_eyes
     from test_server import make_tiny

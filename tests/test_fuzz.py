@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 
 import tiny_files
 
@@ -301,6 +302,7 @@ def tokenizer_model(work: Path, pieces: int) -> bytes:
     return sentencepiece_model_from_gguf(GGUFFile(tiny_files.write_gguf(work / f"tok{pieces}.gguf", vocab=pieces)))
 
 
+@pytest.mark.slow  # hundreds of conversions and runs, in processes
 def test_fuzz(tmp_path):
     t0 = time.perf_counter()
     names, jobs, verdicts = fuzz(tmp_path)

@@ -125,6 +125,7 @@ def test_sample_is_what_the_manifest_says():
     assert sum(f.stat().st_size for f in SAMPLE.iterdir()) < 1_500_000
 
 
+@pytest.mark.slow  # 285 schemas compiled, 200 constrained generations
 def test_jsonschemabench_sample_compiles_or_is_refused_and_finished_documents_validate(tok):
     vocab = vocabulary(tok, 262144)
     table = {name: Counter() for name in SETS}

@@ -56,6 +56,7 @@ def test_270m_convert_peaks(model_270m_dir, tmp_path):
 # ---------------------------------------------------------------- peak does not grow with the layers
 
 
+@pytest.mark.slow  # two conversions in processes
 def test_convert_peak_does_not_grow_with_layers(tmp_path):
     """Doubling the layers of a checkpoint leaves the converter's peak, check included, within 10%."""
     four = synthetic_checkpoint(tmp_path / "x4", 4, shape=SMALL_SHAPE, dtype="float32")

@@ -72,6 +72,7 @@ def tiny_dir(tokenizer_270m, tmp_path_factory):
     return make_tiny(tokenizer_270m, tmp_path_factory.mktemp("spec") / "tiny-spec")
 
 
+@pytest.mark.slow  # two server processes
 def test_serve_with_a_draft_model_and_prompt_lookup_equals_plain_past_the_window(tiny_dir):
     s = Served(tiny_dir, "--draft-model", str(tiny_dir))  # the default: speculate with the draft model
     try:
