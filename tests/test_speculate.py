@@ -21,6 +21,17 @@ def pairs():
     return {w: (tiny_model(w, seed=w + 1), tiny_model(w, seed=w + 2)) for w in (8, 16)}
 
 
+PLAIN = {}  # (model, prompt, n) -> plain greedy tokens: the three proposers of a (window, k) share a prompt
+
+
+def plain_greedy(model, prompt, n):
+    """`alone(model, prompt, n)`, the reference, computed once per model, prompt and length."""
+    key = (id(model), tuple(prompt), n)
+    if key not in PLAIN:
+        PLAIN[key] = alone(model, prompt, n)
+    return list(PLAIN[key])
+
+
 def speculate(model, prompt, n, draft, k, always=True, monkeypatch=None, **engine_kw):
     """Tokens and final stats of one speculative generation (the switch-off disabled with always=True)."""
     if always:
@@ -36,14 +47,17 @@ def speculate(model, prompt, n, draft, k, always=True, monkeypatch=None, **engin
     return got, last.stats, pc
 
 
-@pytest.mark.parametrize("window", [8, 16])
-@pytest.mark.parametrize("proposer", ["self", "other", "lookup"])
-@pytest.mark.parametrize("k", [1, 3, 8])
+LONG_RUN = (3, "other", 16)  # (k, proposer, window): one run of 2,000 tokens past 125 windows, the rest 300
+
+
+@pytest.mark.parametrize("k,proposer,window", [
+    pytest.param(*case, marks=[pytest.mark.slow] if case == LONG_RUN else [])  # the long run: ~35 s of CPU
+    for case in ((k, proposer, window) for k in (1, 3, 8) for proposer in ("self", "other", "lookup") for window in (8, 16))])
 def test_greedy_speculation_equals_plain_greedy(pairs, window, proposer, k, monkeypatch):
     target, other = pairs[window]
     prompt = prompts_for(target, [2 * window + 3], seed=window + k)[0]
-    n = 2000 if (window, proposer, k) == (16, "other", 3) else 300  # one long run past 125 windows, the rest shorter
-    want = alone(target, prompt, n)
+    n = 2000 if (k, proposer, window) == LONG_RUN else 300
+    want = plain_greedy(target, prompt, n)
     draft = {"self": lambda: DraftModel(target), "other": lambda: DraftModel(other), "lookup": PromptLookup}[proposer]()
     got, stats, pc = speculate(target, prompt, n, draft, k, monkeypatch=monkeypatch)
     assert got == want
