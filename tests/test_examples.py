@@ -1,6 +1,6 @@
-"""Every example runs, on the default model, and prints what the reference predicts. In this process
-(conftest.python_script: the script's __main__ with its own argv and streams), except kv_memory.py, run
-as a real `python examples/kv_memory.py` process."""
+"""Every example runs, on the default model (describe_image.py on a tiny seeing one), and prints what the
+reference predicts. In this process (conftest.python_script: the script's __main__ with its own argv and
+streams), except kv_memory.py, run as a real `python examples/kv_memory.py` process."""
 
 import json
 import subprocess
@@ -45,19 +45,25 @@ def test_convert_example(tmp_path):
     assert "bits per weight" in r.stdout and "KL" in r.stdout and (tmp_path / "q4" / "config.json").exists()
 
 
-def test_describe_image_example(seeing_270m_dir, tmp_path):
+def test_describe_image_example(tokenizer_270m, tmp_path):
+    """On a tiny model with the real tokenizer and a tiny vision tower (what is checked is the script:
+    its output, pan & scan's crops, a missing file; the 270M with eyes runs in test_chat, test_server
+    and test_page)."""
+    from conftest import give_eyes
     from gemma3_mlx import preprocess_image
+    from test_server import make_tiny
 
+    seeing_dir = give_eyes(make_tiny(tokenizer_270m, tmp_path / "tiny-text"), tmp_path / "tiny-seeing")
     wide = FIXTURES / "images" / "wide.png"
     crops = preprocess_image(wide, 56, pan_and_scan=True)[1]
     assert crops > 0
     tokens = {}
     for extra in ([], ["--pan-and-scan"]):
-        r = python_script(EXAMPLES / "describe_image.py", [seeing_270m_dir, wide, *extra])
+        r = python_script(EXAMPLES / "describe_image.py", [seeing_dir, wide, *extra])
         assert r.returncode == 0, r.stderr
         text, stats = r.stdout.rsplit("\n[", 1)
         assert text.strip() and "generated" in stats
         tokens[bool(extra)] = int(stats.split()[0])
     assert tokens[True] - tokens[False] > 16 * crops  # each crop adds a 16-token image block and its wording
-    r = python_script(EXAMPLES / "describe_image.py", [seeing_270m_dir, tmp_path / "no.jpg"])
+    r = python_script(EXAMPLES / "describe_image.py", [seeing_dir, tmp_path / "no.jpg"])
     assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1
