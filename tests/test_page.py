@@ -131,9 +131,8 @@ def real(seeing_270m_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def scripted(default_model_dir, tmp_path_factory):
-    model, tok = gemma3_mlx.load(make_tiny(default_model_dir / "tokenizer.model",
-                                           tmp_path_factory.mktemp("page") / "tiny-text"))
+def scripted(tokenizer_270m, tmp_path_factory):
+    model, tok = gemma3_mlx.load(make_tiny(tokenizer_270m, tmp_path_factory.mktemp("page") / "tiny-text"))
     served = Served(scripted_worker(model, tok), "tiny-text", api_key=KEY)
     yield served
     served.close()
