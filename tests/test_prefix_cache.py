@@ -196,9 +196,9 @@ def test_eviction_under_a_small_pool_never_breaks_a_conversation_in_flight(tiny)
     assert [by_conv[id(c)] for c in convs[1:]] == cold(model, tok, convs[1:], 12)
 
 
-def test_real_270m_six_conversations_with_a_700_token_system_prompt(default_model_dir):
+def test_real_270m_six_conversations_with_a_700_token_system_prompt(default_model):
     """The acceptance on the default model: a 700-token system prompt (past its 512-token window)."""
-    model, tok = gemma3_mlx.load(default_model_dir)
+    model, tok = default_model
     system = ("You answer questions for the visitors of a natural history museum. " * 60).strip()
     questions = ["Where are the dinosaurs?", "Is there a cafe?", "When does the museum close?",
                  "Can I take photos?", "Are dogs allowed?", "Where is the shop?"]
