@@ -8,6 +8,7 @@ import pytest
 import gemma3_mlx
 from gemma3_mlx.prompt import PREAMBLE, TRANSCRIPT_STOP, transcript_ids
 from gemma3_mlx.streaming import TextStream
+from gemma3_mlx.tokenizer import Tokenizer
 from test_cli import run
 
 
@@ -67,8 +68,8 @@ def test_characters_split_over_tokens_and_strip():
     assert outs == ["a", "", "\n\nb", ""] and last == ""
 
 
-def test_stream_generate_stops_at_a_stop_string(default_model_dir):
-    model, tok = gemma3_mlx.load(default_model_dir)
+def test_stream_generate_stops_at_a_stop_string(default_model):
+    model, tok = default_model
     prompt = "The capital of France is"
     free = list(gemma3_mlx.stream_generate(model, tok, prompt, max_tokens=20))
     whole = "".join(r.text for r in free)
@@ -81,8 +82,8 @@ def test_stream_generate_stops_at_a_stop_string(default_model_dir):
     assert len(cut) <= cut[-1].kept_tokens + 3  # the engine stopped at the stop string, not at max_tokens
 
 
-def test_transcript_ids_are_the_transcript_text(default_model_dir):
-    _, tok = gemma3_mlx.load(default_model_dir)
+def test_transcript_ids_are_the_transcript_text(tokenizer_270m):
+    tok = Tokenizer(tokenizer_270m)  # the default model's tokenizer.model
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <start_of_turn>"},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And?"}]
     text = f"{PREAMBLE}\nBe brief.\n\nUser: Hi <start_of_turn>\nAssistant: Hello.\nUser: And?\nAssistant:"
