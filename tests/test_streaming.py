@@ -107,8 +107,8 @@ def test_base_model_chat_answers_in_a_transcript(gemma3_home):
     assert len(warnings[0]) < 120  # shorter than it was (150 characters)
 
 
-def test_base_model_chat_session_reuses_its_cache(default_model_dir):
-    model, tok = gemma3_mlx.load(default_model_dir)
+def test_base_model_chat_session_reuses_its_cache(default_model):
+    model, tok = default_model
     chat = gemma3_mlx.ChatSession(model, tok, max_tokens=24)
     assert chat.transcript
     first = "".join(r.text for r in chat.send("What is the capital of France?"))
