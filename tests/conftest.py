@@ -16,8 +16,14 @@ from pathlib import Path
 
 import pytest
 
-import gemma3_mlx  # noqa: F401  first, so OpenBLAS is loaded before any test imports mlx.core
-from gemma3_mlx.loader import load
+# As many xdist workers as cores: each process's BLAS (and the servers, ranks and CLI runs it starts)
+# gets one thread; OpenBLAS's own threads would only contend with the other workers' (test_long_context
+# at -n 0 under load: 117 CPU-s with one thread, 129 with the default). Set before OpenBLAS loads.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) >= (os.cpu_count() or 1):
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import gemma3_mlx  # noqa: E402,F401  first, so OpenBLAS is loaded before any test imports mlx.core
+from gemma3_mlx.loader import load  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -29,12 +35,14 @@ REAL_270M = {"gemma3_home", "default_model_dir", "default_model", "default_model
 # or run past ~10 s of CPU on tiny models, carry @pytest.mark.slow themselves (see pyproject's marker).
 SLOW_FIXTURES = REAL_270M | {"browser"}
 
-# The files that take longest, handed out first: the two workers take a file at a time, so the long ones
-# start together and the short ones fill in the end (pyproject's --no-loadscope-reorder keeps this order;
-# xdist would otherwise sort files by test count). The first two start the two conversions at once: the
-# float32 270M (test_long_context) and the default model (test_cli).
-SLOW_FIRST = ["test_long_context.py", "test_cli.py", "test_speculate.py", "test_convert.py", "test_readme.py",
-              "test_distributed.py", "test_chat.py", "test_examples.py", "test_memory.py", "test_prefix_cache.py"]
+# The files that take longest, handed out first (longest processing time first): the two workers take a
+# file at a time, so the long ones start early and the short ones fill in the end (pyproject's
+# --no-loadscope-reorder keeps this order; xdist would otherwise sort files by test count). Ranked by
+# CPU-seconds, measured file by file (-n 0) or estimated from a --durations profile, after issue 26's
+# cuts; the rest follow in collection order.
+SLOW_FIRST = ["test_speculate.py", "test_distributed.py", "test_chat.py", "test_jsonschemabench.py", "test_convert.py",
+              "test_prefix_cache.py", "test_readme.py", "test_long_context.py", "test_admission.py", "test_streaming.py",
+              "test_page.py", "test_server.py", "test_engine.py", "test_memory.py", "test_cli.py", "test_examples.py"]
 
 
 def pytest_collection_modifyitems(items):
