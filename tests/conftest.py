@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 # As many xdist workers as cores: each process's BLAS (and the servers, ranks and CLI runs it starts)
-# gets one thread; OpenBLAS's own threads would only contend with the other workers' (test_long_context
-# at -n 0 under load: 117 CPU-s with one thread, 129 with the default). Set before OpenBLAS loads.
+# gets one thread; OpenBLAS's own threads would only contend with the other workers' (test_long_context,
+# test_270m and test_engine at -n 2: 152 s with one thread, 234 s with two). Set before OpenBLAS loads.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) >= (os.cpu_count() or 1):
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 

@@ -3,7 +3,7 @@
 The hub is a local stand-in (HF_HUB_OFFLINE with a prepared cache, the real code path of
 huggingface-hub): `google/gemma-3-270m-it` serves a tiny float32 Gemma 3 with the real 270M's tokenizer
 (test_server.make_tiny, random weights, widths that quantize at 8 bits in groups of 64) and
-`google/gemma-3-4b-it` that tiny model with a tiny vision tower (`give_eyes`); `photo.jpg` is a test
+`google/gemma-3-4b-it` another such tiny model with a tiny vision tower (`give_eyes`); `photo.jpg` is a test
 image. The tour's first command runs the real default model (converted once per run by conftest). What
 is checked is that every command and block runs as written and says what it should; what the real
 weights generate is checked by the tests of each feature (test_cli, test_chat, test_vlm, ...), so the
