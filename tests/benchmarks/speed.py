@@ -18,6 +18,9 @@ Parts (`--parts`, comma separated; default all):
   prefill   (d) 270M prefill of a 512-token prompt (also reports decode at that depth).
   head      (e) ours only: the share of a 270M float32 decode step (batch 1, after a 64-token prompt) spent
             in the tied 262,144 x 640 output head, each timed alone, best of 8 (no peer: a share, not a ratio).
+  kept      (f) ours only: the default model (the packaged GGUF's Q4_K_M mix) expanded to float32 at load (the CPU
+            default) against kept quantized (`load_model(..., dequantize=False)`: MLX's quantized kernels),
+            --prefill-prompt tokens then --prefill-tokens, interleaved rounds: why the CPU expands.
 
 How each tool is driven (nothing of mlx-lm's loop is rewritten here):
   single sequence: ours `gemma3_mlx.generate_tokens(model, ids, max_tokens=N, stop_ids=())`, mlx-lm
@@ -55,7 +58,7 @@ import gemma3_mlx  # first: loads OpenBLAS for MLX's CPU backend (mlx-lm then be
 import mlx.core as mx
 import numpy as np
 
-PARTS = ("overhead", "batch", "depth", "prefill", "head")
+PARTS = ("overhead", "batch", "depth", "prefill", "head", "kept")
 TINY_CONFIG = {  # transformers 4 schema, read alike by both tools
     "model_type": "gemma3_text",
     "architectures": ["Gemma3ForCausalLM"],
@@ -368,6 +371,25 @@ def part_head(models, args, summary):
     summary.append(("(e) head / decode step (ours, a share)", min(head) / min(step), ""))
 
 
+def part_kept(args, summary):
+    path = gemma3_mlx.resolve(None)
+    tok = gemma3_mlx.load_tokenizer(path)
+    expanded = Ours(gemma3_mlx.load_model(path, dtype="float32"), tok, name="expanded to float32")
+    kept = Ours(gemma3_mlx.load_model(path, dtype="float32", dequantize=False), tok, name="kept quantized")
+    ids, n = text_ids(tok, args.prefill_prompt), args.prefill_tokens
+    best = single_seq([expanded, kept], ids, n, args.rounds)
+    print(f"\n(f) the default model ({Path(path).name}) on this backend: {len(ids)}-token prompt, {n} tokens, "
+          f"best of {args.rounds}")
+    row("", "prefill tok/s", "decode tok/s", "")
+    r = {}
+    for t in (expanded, kept):
+        r[t.name] = (len(ids) / best[t.name].times["prefill"], (n - 1) / best[t.name].times["decode"])
+        row(t.name, *r[t.name])
+    print(f"same tokens: {same(best[expanded.name].tokens, best[kept.name].tokens)}")
+    for i, what in enumerate(("prefill", "decode")):
+        summary.append((f"(f) {what}: expanded / kept quantized (ours)", ratio(r[expanded.name][i], r[kept.name][i]), ""))
+
+
 def part_single(models, args, summary, tag, depth, n):
     ours, theirs = models
     ids = text_ids(ours.tokenizer, depth)
@@ -464,6 +486,8 @@ def main() -> int:
             part_single(big, a, summary, "d", a.prefill_prompt, a.prefill_tokens)
         if "head" in parts:
             part_head(big, a, summary)
+        if "kept" in parts:
+            part_kept(a, summary)
 
     print("\nsummary (ratios from this run)")
     for what, r, goal in summary:
