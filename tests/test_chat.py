@@ -136,12 +136,17 @@ def test_ctrl_c_inside_a_prefill_chunk_leaves_a_usable_session(session_parts):
         def __getattr__(self, name):
             return getattr(model, name)
 
-        def __call__(self, *args, **kwargs):
-            out = model(*args, **kwargs)
-            if self.armed and args[0].shape[1] >= 512:
+        def _after(self, out, length):
+            if self.armed and length >= 512:
                 self.armed = False
                 raise KeyboardInterrupt
             return out
+
+        def __call__(self, ids, *args, **kwargs):
+            return self._after(model(ids, *args, **kwargs), ids.shape[1])
+
+        def blocks(self, h, *args, **kwargs):  # what a prefill chunk runs (forward.hidden)
+            return self._after(model.blocks(h, *args, **kwargs), h.shape[1])
 
     chat = ChatSession(model, tok, max_tokens=4)
     text(chat.send("Hi"))
