@@ -128,4 +128,12 @@ class ShardWriter:
 
 
 def write_config(directory: Path, config: dict) -> None:
+    """config.json, with `query_pre_attn_scalar` an int where it is whole: transformers 5's Gemma3TextConfig
+    refuses 256.0 (so mlx-lm could not read our conversions). Read back, it is the same config (and the
+    same fingerprint: the loaded config holds it as a float either way)."""
+    config = {k: dict(v) if k == "text_config" and isinstance(v, dict) else v for k, v in config.items()}
+    for d in (config, config.get("text_config")):
+        q = d.get("query_pre_attn_scalar") if isinstance(d, dict) else None
+        if isinstance(q, float) and q.is_integer():
+            d["query_pre_attn_scalar"] = int(q)
     (Path(directory) / "config.json").write_text(json.dumps(config, indent=2) + "\n")

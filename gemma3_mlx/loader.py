@@ -175,7 +175,8 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, dequantize
                config: ModelConfig | None = None, plan=None, files=None) -> Model:
     """Build the model of a directory. Quantized weights stay quantized on GPUs; on the CPU
     backend (`dequantize=None`) they are expanded to the compute dtype, because MLX's CPU
-    quantized kernels run ~2x (decode) to ~40x (prefill) slower than float matmuls with BLAS.
+    quantized kernels run prompts ~16x slower than float matmuls with BLAS (decode about the same:
+    `tests/benchmarks/speed.py --parts kept`, 2026-12-06).
     `config`, `files`: the directory's config.json and weight files' headers when the caller has read them
     already (a Checkpoint, as `load` has). `plan`: a shard.Plan: this rank reads only its own tensors and slices, and the model is split to match."""
     path = Path(path)

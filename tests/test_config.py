@@ -118,3 +118,19 @@ def test_a_load_reads_config_and_headers_once(tiny_dirs, tmp_path, monkeypatch):
     w = d / "model.safetensors"
     w.write_bytes(w.read_bytes()[:-16])  # truncated since
     assert "truncated" in models.problem(d)
+
+
+def test_written_config_keeps_query_pre_attn_scalar_an_int(tmp_path):
+    """transformers 5's strict Gemma3TextConfig refuses 256.0 (mlx-lm could not read our conversions): the
+    converter writes a whole scale as an int, keeps one that is not whole, and the config reads back the same."""
+    from gemma3_mlx.convert.writer import write_config
+
+    for given, written in ((256, 256), (256.0, 256), (168, 168), (240.5, 240.5)):
+        for mt in ("gemma3_text", "gemma3"):
+            c = ModelConfig.from_dict({"model_type": mt, "query_pre_attn_scalar": given} if mt == "gemma3_text" else
+                                      {"model_type": mt, "text_config": {"query_pre_attn_scalar": given}})
+            write_config(tmp_path, c.to_dict())
+            d = json.loads((tmp_path / "config.json").read_text())
+            q = d.get("text_config", d)["query_pre_attn_scalar"]
+            assert q == written and type(q) is type(written), (mt, given, q)
+            assert ModelConfig.from_dict(d) == c
