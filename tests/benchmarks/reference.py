@@ -34,8 +34,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tests"))
+from test_long_context import chunked_logits  # noqa: E402  the prefill the test bounds, the head only at the positions
 
-from gemma3_mlx import forward  # noqa: E402
 from gemma3_mlx.convert import convert  # noqa: E402
 from gemma3_mlx.loader import load_model  # noqa: E402
 
@@ -101,18 +102,6 @@ def real(model) -> None:
 
 
 LAST = np.arange(768, 1000)  # positions whose attention reads >= 768 quantized global keys (as test_long_context)
-
-
-def chunked_logits(model, ids, chunk, cache, positions):
-    """Logits at `positions` of a prefill in chunks of `chunk`, the head run only there (as test_long_context)."""
-    x, out = mx.array(ids)[None], []
-    for s in range(0, len(ids), chunk):
-        want = positions[(positions >= s) & (positions < s + chunk)] - s
-        h = forward.hidden(model, x[:, s : s + chunk], cache)
-        if len(want):
-            out.append(np.array(model.head(h[0, mx.array(want)])))
-        mx.eval([c.state for c in cache])
-    return np.concatenate(out)
 
 
 def long(model) -> None:
