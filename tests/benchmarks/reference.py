@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
 from test_long_context import chunked_logits  # noqa: E402  the prefill the test bounds, the head only at the positions
 
+from gemma3_mlx import forward  # noqa: E402
 from gemma3_mlx.convert import convert  # noqa: E402
 from gemma3_mlx.loader import load_model  # noqa: E402
 
