@@ -97,7 +97,8 @@ class Event(NamedTuple):
 class _Sequence:
     def __init__(self, uid, prompt, cache, sampler, max_tokens, stop_ids, logprobs, steps, speculation=None,
                  matcher=None):
-        self.uid, self.prompt, self.cache, self.sampler = uid, prompt, cache, sampler
+        self.checked: Prompt = prompt  # checked once at submit; batched prefill takes it as it is
+        self.uid, self.prompt, self.cache, self.sampler = uid, prompt.ids, cache, sampler
         self.max_tokens, self.stop_ids, self.logprobs = max_tokens, frozenset(stop_ids), logprobs
         self.matcher = matcher  # llguidance matcher of the row's constraint: it has consumed every token read
         self.steps = steps  # the prompt cache's prefill, one chunk per next() (a prompt with images)
@@ -185,9 +186,8 @@ class Engine:
             raise ValueError(f"this cache holds adapter {cache.adapter!r}'s keys and values, not {adapter!r}'s")
         elif cache.cache_args != self.cache_args and (self.rows or self.waiting or self.max_batch > 1):
             raise ValueError(f"this cache was made with {cache.cache_args}, the engine batches {self.cache_args}")
-        checked = Prompt(prompt, self.model.config, images)  # the one check of the request's ids and images
-        prompt = checked.ids
-        steps = cache.prefill_steps(checked, self.prefill_chunk)
+        prompt = Prompt(prompt, self.model.config, images)  # the one check of the request's ids and images
+        steps = cache.prefill_steps(prompt, self.prefill_chunk)
         if draft is not None and logprobs is not None:
             raise ValueError("logprobs are not reported while speculating")
         if draft is not None and shard.group_of(self.model) is not None:
@@ -196,7 +196,6 @@ class Engine:
         speculation = None if draft is None else Speculation(draft, max(1, min(draft_tokens, rollback)), rollback)
         seq = _Sequence(next(self._uids), prompt, cache, sampler or settings.sampler(), max_tokens, stop_ids,
                         logprobs, steps, speculation, matcher)
-        seq.checked = checked
         self.waiting.append(seq)
         return seq.uid
 

@@ -164,10 +164,14 @@ class PromptCache:
             keep = n
         else:
             keep = self._restore_snapshot(n)
+        self._truncate(keep)
+        return keep
+
+    def _truncate(self, keep: int) -> None:
+        """The layers were put back to `keep` tokens: so are the tokens, image blocks and snapshots."""
         self.tokens = self.tokens[:keep]
         self.images = [blk for blk in self.images if blk[1] <= keep]
         self.snapshots = {s: v for s, v in self.snapshots.items() if s <= keep}
-        return keep
 
     def _restore_snapshot(self, n: int) -> int:
         """Put every layer back to the nearest snapshot at or before n (or empty); returns its length."""
@@ -270,10 +274,7 @@ class PromptCache:
             for c in over:
                 c.trim(c.offset - n)
             return
-        keep = self._restore_snapshot(n)
-        self.tokens = self.tokens[:keep]
-        self.images = [blk for blk in self.images if blk[1] <= keep]
-        self.snapshots = {s: v for s, v in self.snapshots.items() if s <= keep}
+        self._truncate(self._restore_snapshot(n))
 
     def _features(self, pixels) -> mx.array:
         """Soft-token embeddings of one image block, encoded once per content (LRU of 16)."""
